@@ -1,0 +1,228 @@
+"""The ``zimage-ui`` command: serve, generate, doctor, download (and bench).
+
+Arguments are parsed in ``main()`` only; importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("zimage_ui")
+
+# Settings that are flags on serve/generate/doctor/bench (each field is --field-name).
+_SETTING_FLAGS = ("model", "model_dir", "base_model", "device", "dtype", "presets_file", "max_side", "warmup",
+                  "max_queue", "jobs_per_client", "vram_budget_gb", "memory_margin_gb", "vram_poll_seconds",
+                  "output_dir", "save_images", "host", "port", "auth", "kiosk", "language", "log_level")
+
+
+class CliError(Exception):
+    """A one-line error for the user; main() prints it and exits 2."""
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    from .settings import Settings
+
+    group = parser.add_argument_group("settings (also ZIMAGE_UI_<NAME> or --config FILE)")
+    group.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as below, with underscores)")
+    for name in names:
+        field = Settings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "") + f" [default: {field.default}]"
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), default=None, help=help_text)
+
+
+def _settings(args: argparse.Namespace, names: Sequence[str], **forced: typing.Any):
+    from .settings import load_settings
+
+    values = {n: getattr(args, n, None) for n in names}
+    values.update(forced)
+    return load_settings(getattr(args, "config", None), **values)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # third-party chatter (tqdm bars, deprecation notes) is not for our users
+    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# --- generate -------------------------------------------------------------------------------------------------
+def _output_paths(output: Path, seeds: list[int]) -> list[Path]:
+    if output.is_dir() or str(output).endswith(("/", "\\")):
+        return [output / f"zimage-{seed}.png" for seed in seeds]
+    if output.suffix.lower() != ".png":
+        raise CliError(f"output: images are PNG files, got {output.name!r}; name a .png file or a folder")
+    return [output] + [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, len(seeds))]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.engine import Engine
+    from .engine.jobs import EngineError
+    from .metadata import save_png
+    from .validation import GenerationRequest, RequestError
+
+    settings = _settings(args, _SETTING_FLAGS, warmup=False, save_images=args.output is None)
+    _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
+    raw = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, preset=args.preset,
+                            steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
+                            seed=args.seed, batch=args.batch)
+    engine = Engine(settings)
+    try:
+        from .validation import validate
+
+        validate(raw, engine.presets())  # bad input fails before the model loads
+        engine.start()
+        if engine.banner:
+            print(engine.banner, file=sys.stderr)
+        validated = engine.validate(raw)
+        for change in validated.changes:
+            print(f"clamped: {change}", file=sys.stderr)
+        job = engine.submit(validated)
+        if sys.stderr.isatty():
+            job.on_change(lambda j: print(f"\rstep {j.step}/{j.total_steps}", end="", file=sys.stderr, flush=True))
+        result = job.wait()
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+    except RequestError as exc:
+        raise CliError(str(exc)) from None
+    except EngineError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.shutdown(grace_s=0)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.output is None:
+        paths = [Path(p) for p in result.paths]
+    else:
+        paths = [save_png(image, path, result.request, seed=seed, model=result.model_id,
+                          extra={"timings": result.timings})
+                 for image, seed, path in zip(result.images, result.seeds, _output_paths(Path(args.output),
+                                                                                          result.seeds), strict=True)]
+    for path in paths:
+        print(Path(path).resolve())
+    print(f"{result.model_label} · seed {result.request.seed} · {result.request.width}x{result.request.height} · "
+          f"{result.request.steps} steps · {result.timings['total_s']:.2f} s", file=sys.stderr)
+    return 0
+
+
+# --- doctor ---------------------------------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report
+
+    settings = _settings(args, _SETTING_FLAGS)
+    info = report(settings)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for section, rows in info.items():
+            print(f"{section}:")
+            for key, value in rows.items():
+                print(f"  {key}: {value}")
+    return 0
+
+
+# --- download -------------------------------------------------------------------------------------------------
+def cmd_download(args: argparse.Namespace) -> int:
+    from .models.download import DownloadError, download_model
+
+    try:
+        path = download_model(args.source, args.repo, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    except DownloadError as exc:
+        raise CliError(str(exc)) from None
+    print(path)
+    return 0
+
+
+# --- serve ----------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service.server import serve
+
+    settings = _settings(args, _SETTING_FLAGS)
+    _setup_logging(settings.log_level)
+    return serve(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zimage-ui", description="Make images with Z-Image-Turbo: web UI, REST "
+                                     "API and command line over one preloaded pipeline and one GPU queue.")
+    parser.add_argument("--version", action="version", version=f"zimage-ui {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve the web UI and REST API (embedded demo model when no weights)")
+    _add_setting_flags(serve, _SETTING_FLAGS)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="make image(s) from a prompt and save them as PNG")
+    gen.add_argument("--prompt", required=True, help="what to draw")
+    gen.add_argument("--negative-prompt", help="what to avoid (needs guidance > 0)")
+    gen.add_argument("--preset", help="turbo (default), standard or quality")
+    gen.add_argument("--steps", help="transformer passes (Turbo: 8)")
+    gen.add_argument("--guidance", help="CFG scale (Turbo: 0)")
+    gen.add_argument("--width", help="pixels, multiple of 16")
+    gen.add_argument("--height", help="pixels, multiple of 16")
+    gen.add_argument("--seed", help="0–4294967295; omitted or -1 = random (printed)")
+    gen.add_argument("--batch", help="images per run, 1–4 (seeds seed, seed+1, …)")
+    gen.add_argument("--output", "-o", help="PNG file or folder (default: output_dir/<date>/…)")
+    _add_setting_flags(gen, [n for n in _SETTING_FLAGS if n not in ("host", "port", "auth", "kiosk", "language")])
+    gen.set_defaults(func=cmd_generate)
+
+    doc = sub.add_parser("doctor", help="GPU, driver, memory, versions, where the model is, what to do next")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_setting_flags(doc, ["model", "model_dir", "device", "dtype", "vram_budget_gb", "memory_margin_gb"])
+    doc.set_defaults(func=cmd_doctor)
+
+    dl = sub.add_parser("download", help="download the weights (the only command that uses the network)")
+    dl.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="Hugging Face or ModelScope")
+    dl.add_argument("--repo", default="Tongyi-MAI/Z-Image-Turbo",
+                    help="Tongyi-MAI/Z-Image-Turbo (default) or Tongyi-MAI/Z-Image (base)")
+    dl.add_argument("--cache-dir", help="where to put it (default: the source's own cache)")
+    dl.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``zimage-ui`` console script."""
+    from .settings import SettingsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (CliError, SettingsError) as exc:
+        print(f"zimage-ui: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # model folder errors and the like: one line, no traceback
+        from .models.sources import ModelNotFoundError
+
+        if isinstance(exc, ModelNotFoundError | ValueError | OSError):
+            print(f"zimage-ui: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""``zimage-ui doctor``: what this machine has, where the model is, and what to do next. Loads no weights."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from .metadata import package_versions
+from .settings import Settings
+
+GB = 2**30
+
+
+def _gpu_section(settings: Settings) -> dict[str, Any]:
+    import torch
+
+    from .memory import nvml
+
+    if not torch.cuda.is_available():
+        return {"cuda": "not available — the demo model and CPU inference only (float32)",
+                "torch build": torch.__version__}
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
+    stats = nvml.gpu_stats(index)
+    return {
+        "gpu": props.name, "compute capability": f"{props.major}.{props.minor}",
+        "memory": f"{total / GB:.1f} GB total, {free / GB:.1f} GB free",
+        "driver": getattr(stats, "driver_version", None) or "unknown (NVML not available)",
+        "cuda (torch)": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported(),
+        "fp8 (compute ≥ 8.9)": (props.major, props.minor) >= (8, 9),
+    }
+
+
+def _model_section(settings: Settings) -> dict[str, Any]:
+    from .models.sources import ModelNotFoundError, resolve_model
+
+    try:
+        resolution = resolve_model(settings.model, model_dir=settings.model_dir)
+    except ModelNotFoundError as exc:
+        return {"model": settings.model, "found": False, "problem": str(exc),
+                "next": "zimage-ui download  (or --model PATH to a diffusers folder)"}
+    source = resolution.source
+    rows: dict[str, Any] = {"model": settings.model, "resolved": source.label,
+                            "path": str(source.path) if source.path else "(built in memory)"}
+    if resolution.banner:
+        rows["note"] = resolution.banner
+    rows["next"] = ("zimage-ui download, then zimage-ui serve" if source.is_demo
+                    else "zimage-ui serve  →  http://%s:%d" % (settings.host, settings.port))
+    return rows
+
+
+def _plan_section(settings: Settings) -> dict[str, Any]:
+    import torch
+
+    from .memory.estimator import WorkingMemoryEstimator
+    from .memory.planner import DeviceFacts, plan
+
+    if not torch.cuda.is_available():
+        return {"placement": "resident in CPU RAM (no GPU)"}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    budget = int(settings.vram_budget_gb * GB) if settings.vram_budget_gb else None
+    facts = DeviceFacts(kind="cuda", name=props.name, total_bytes=props.total_memory,
+                        fp8_supported=(props.major, props.minor) >= (8, 9), budget_bytes=budget)
+    result = plan(facts, WorkingMemoryEstimator.default_for("cuda", 0), margin_bytes=settings.memory_margin_bytes)
+    rows: dict[str, Any] = {"chosen": result.chosen.name, "why": result.chosen.description}
+    for option in result.options:
+        mark = "fits" if option.fits else "does not fit"
+        rows[option.placement.name] = (f"{mark}: peak {option.placement.predicted_peak_bytes / GB:.1f} GB, "
+                                       f"~{option.placement.predicted_latency_s:.1f} s/image (prior) — {option.reason}")
+    return rows
+
+
+def report(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Sections of facts for the doctor command (printed as text or JSON)."""
+    return {
+        "system": {"python": platform.python_version(), "platform": platform.platform(),
+                   **package_versions()},
+        "gpu": _gpu_section(settings),
+        "model": _model_section(settings),
+        "memory plan (1024², Turbo)": _plan_section(settings),
+    }

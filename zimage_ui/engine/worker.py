@@ -1,0 +1,197 @@
+"""The serial GPU worker: one thread, one job at a time, fed by a bounded queue.
+
+Only this thread touches the pipeline, so two browser tabs, the CLI and the REST API never race on the GPU;
+they get a queue position and an ETA instead. The queue is a deque (not ``queue.Queue``) so a cancelled job
+leaves it at once and positions stay exact.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .eta import StepTimer
+from .jobs import ClientBusy, Job, JobCancelled, JobFailed, JobResult, JobState, JobStatus, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+class SerialWorker:
+    """Runs ``execute(job)`` for each submitted job, in order, on one thread."""
+
+    def __init__(self, execute: Callable[[Job], JobResult], *, max_queue: int = 16, jobs_per_client: int = 1,
+                 timer: StepTimer | None = None, name: str = "zimage-gpu-worker"):
+        self._execute = execute
+        self.max_queue = max_queue
+        self.jobs_per_client = jobs_per_client
+        self.timer = timer or StepTimer()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.last_heartbeat = time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop accepting; cancel everything waiting; give the running job ``grace_s`` to finish, then cancel it."""
+        with self._cond:
+            self._accepting = False
+            waiting = list(self._queue)
+            self._queue.clear()
+        for job in waiting:
+            job.cancel()
+            job.finish(JobState.CANCELLED)
+        running = self._running
+        if running is not None and not running.done and not running.wait_done(grace_s):
+            running.cancel()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(grace_s, 0) + 30)
+
+    # --- submitting ------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        """Queue ``job``; raise QueueFull or ClientBusy rather than over-commit."""
+        with self._cond:
+            if not self._accepting:
+                raise QueueFull(len(self._queue), retry_after_s=30)
+            if job.owner is not None:
+                mine = sum(1 for j in self._active() if j.owner == job.owner)
+                if mine >= self.jobs_per_client:
+                    raise ClientBusy(job.owner, self.jobs_per_client)
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(len(self._queue), retry_after_s=self._retry_after())
+            self._queue.append(job)
+            self._cond.notify_all()
+        job.on_change(self._on_job_change)
+        job._notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job``: a waiting job leaves the queue now, a running one stops at its next step."""
+        job.cancel()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                removed = True
+            else:
+                removed = False
+        if removed:
+            job.finish(JobState.CANCELLED)
+            self._notify_positions()
+
+    def cancel_owner(self, owner: str) -> int:
+        """Cancel every job of ``owner`` (a closed browser tab, a dropped HTTP client). Returns how many."""
+        jobs = [j for j in self._active() if j.owner == owner]
+        for job in jobs:
+            self.cancel(job)
+        return len(jobs)
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    def _active(self) -> list[Job]:
+        running = [self._running] if self._running is not None and not self._running.done else []
+        return running + list(self._queue)
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not counting the running one)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    def position(self, job: Job) -> int:
+        with self._cond:
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return 0
+
+    def eta(self, job: Job) -> float | None:
+        """Seconds until ``job`` is done: the running job's rest, the jobs ahead, then its own."""
+        if job.done:
+            return 0.0
+        with self._cond:
+            ahead = list(self._queue)[: self._queue.index(job)] if job in self._queue else []
+            running = self._running
+        if job is running:
+            return self.timer.job_seconds(job.request, job.step)
+        total = 0.0
+        if running is not None and not running.done:
+            rest = self.timer.job_seconds(running.request, running.step)
+            if rest is None:
+                return None
+            total += rest
+        for other in ahead + [job]:
+            seconds = self.timer.job_seconds(other.request)
+            if seconds is None:
+                return None
+            total += seconds
+        return total
+
+    def status(self, job: Job) -> JobStatus:
+        now = time.monotonic()
+        elapsed = now - (job.started or job.created) if not job.done else (job.finished or now) - job.created
+        return JobStatus(id=job.id, state=job.state, position=self.position(job), step=job.step,
+                         total_steps=job.total_steps, eta_s=self.eta(job), elapsed_s=elapsed)
+
+    def _retry_after(self) -> float:
+        jobs = self._active()
+        estimates = [self.timer.job_seconds(j.request) for j in jobs]
+        known = [e for e in estimates if e is not None]
+        return max(1.0, sum(known) / max(len(jobs), 1)) if known else 5.0
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def _on_job_change(self, job: Job) -> None:
+        self.last_heartbeat = time.monotonic()
+
+    def _notify_positions(self) -> None:
+        for waiting in list(self._queue):
+            waiting._notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+                    self.last_heartbeat = time.monotonic()
+                if self._stopping and not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._running = job
+            self._notify_positions()
+            self._run_one(job)
+            with self._cond:
+                self._running = None
+            self.last_heartbeat = time.monotonic()
+
+    def _run_one(self, job: Job) -> None:
+        if job.cancel_requested:
+            job.finish(JobState.CANCELLED)
+            return
+        job.mark_running()
+        try:
+            result = self._execute(job)
+        except JobCancelled:
+            job.finish(JobState.CANCELLED)
+        except JobFailed as exc:
+            job.finish(JobState.FAILED, error=exc)
+        except Exception as exc:  # the worker must survive any job
+            log.exception("job %s failed", job.id)
+            job.finish(JobState.FAILED, error=JobFailed(f"{type(exc).__name__}: {exc}"))
+        else:
+            job.finish(JobState.DONE, result=result)

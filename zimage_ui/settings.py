@@ -1,0 +1,114 @@
+"""One typed settings object, read by the CLI, the web UI and the REST API.
+
+Precedence, highest first: command-line flags, environment variables ``ZIMAGE_UI_<FIELD>``, the TOML file named by
+``--config`` / ``ZIMAGE_UI_CONFIG``, then the defaults below.
+
+    >>> Settings().host
+    '127.0.0.1'
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("zimage_ui_config_file", default=None)
+
+
+class Settings(BaseSettings):
+    """Every knob of zimage-ui. Each field is also ``--flag-name`` on ``zimage-ui serve``/``generate``."""
+
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_UI_", extra="forbid", validate_default=True)
+
+    # Model
+    model: str = Field("auto", description="Model to load: auto, demo, a folder, an HF repo id (hf:Org/Name) "
+                                           "or modelscope:Org/Name. auto = ZIMAGE_UI_MODEL_DIR, HF cache, "
+                                           "ModelScope cache, else the embedded demo model.")
+    model_dir: Path | None = Field(None, description="A local diffusers-layout folder that `auto` tries first.")
+    base_model: str | None = Field(None, description="Optional base Z-Image (Tongyi-MAI/Z-Image) for the Standard "
+                                                     "and Quality presets; shares the text encoder and VAE.")
+    device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+    dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32. "
+                                           "float16 is refused: Z-Image gives black images in fp16.")
+    presets_file: Path | None = Field(None, description="A presets TOML replacing assets/presets.toml.")
+    max_side: int = Field(2048, ge=256, le=4096, description="Largest width or height a request may ask for.")
+    warmup: bool = Field(True, description="Run one generation before declaring ready, so the first user "
+                                           "request is as fast as the rest.")
+
+    # Queue
+    max_queue: int = Field(16, ge=1, le=1000, description="Jobs that may wait behind the running one; more get "
+                                                          "'queue full' (HTTP 503 with Retry-After).")
+    jobs_per_client: int = Field(1, ge=1, le=100, description="Jobs one browser session or API client may have "
+                                                              "waiting or running at once.")
+
+    # Memory
+    vram_budget_gb: float | None = Field(None, gt=0, description="Cap this process's GPU memory (GB), e.g. to "
+                                                                 "share the card with an LLM server.")
+    memory_margin_gb: float = Field(0.7, ge=0, description="Headroom kept free beyond a request's predicted need; "
+                                                           "the VRAM bar turns 'tight' inside it.")
+    vram_poll_seconds: float = Field(1.0, gt=0.05, le=60, description="How often the VRAM bar refreshes.")
+
+    # Output
+    output_dir: Path = Field(Path("outputs"), description="Where generated images (and the history) are written.")
+    save_images: bool = Field(True, description="Save every finished image with its metadata under output_dir.")
+
+    # Service
+    host: str = Field("127.0.0.1", description="Address to bind. Use 0.0.0.0 to serve a LAN (set auth too).")
+    port: int = Field(7860, ge=1, le=65535, description="TCP port of the web UI and REST API.")
+    auth: str | None = Field(None, description="user:password protecting the UI and API.")
+    kiosk: bool = Field(False, description="Kiosk mode: locked presets, advanced controls hidden, no history.")
+    language: Literal["auto", "en", "zh"] = Field("auto", description="UI language; auto follows the browser.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _no_fp16(cls, value: str) -> str:
+        if value.lower() in ("float16", "fp16", "half"):
+            raise ValueError("float16 gives black/NaN images with Z-Image; use bfloat16 (CUDA) or float32 (CPU)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def memory_margin_bytes(self) -> int:
+        return int(self.memory_margin_gb * 2**30)
+
+
+class SettingsError(ValueError):
+    """Settings that can't be used; the message is one line naming the setting."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from flags (``overrides``; ``None`` values mean 'not given'), environment and a TOML file."""
+    from pydantic import ValidationError
+
+    path = config_file or os.environ.get("ZIMAGE_UI_CONFIG")
+    if path is not None and not Path(path).is_file():
+        raise SettingsError(f"config: file not found: {path}")
+    token = _CONFIG_FILE.set(Path(path) if path else None)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise SettingsError(f"{where}: {first['msg']}") from None
+    finally:
+        _CONFIG_FILE.reset(token)
