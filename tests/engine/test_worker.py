@@ -1,0 +1,136 @@
+"""The serial worker with a stand-in execute function: ordering, positions, cancel, bounds, owners."""
+
+import threading
+import time
+
+import pytest
+
+from zimage_ui.engine.jobs import ClientBusy, Job, JobCancelled, JobFailed, JobResult, JobState, QueueFull
+from zimage_ui.engine.worker import SerialWorker
+from zimage_ui.validation import RunRequest
+
+REQ = RunRequest("x", "", "turbo", 4, 0.0, 256, 256, 1, 1)
+
+
+class Gate:
+    """An execute function that runs step by step only when the test lets it."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started: list[str] = []
+
+    def __call__(self, job: Job) -> JobResult:
+        self.started.append(job.id)
+        for step in range(1, job.request.steps + 1):
+            if job.cancel_requested:
+                raise JobCancelled(job.id)
+            self.release.wait(5)
+            job.mark_step(step, job.request.steps)
+        return JobResult([], [job.request.seed], job.request, (), [], "t", "t", {}, 0)
+
+
+@pytest.fixture
+def gate():
+    g = Gate()
+    w = SerialWorker(g, max_queue=2, jobs_per_client=1)
+    w.start()
+    yield g, w
+    g.release.set()
+    w.stop(0)
+
+
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_jobs_run_in_order_one_at_a_time(gate):
+    g, w = gate
+    jobs = [w.submit(Job(REQ))]
+    wait_for(lambda: jobs[0].state == JobState.RUNNING)
+    jobs += [w.submit(Job(REQ)) for _ in range(2)]
+    assert [w.position(j) for j in jobs] == [0, 1, 2]
+    g.release.set()
+    for j in jobs:
+        assert j.wait(5).seeds == [1]
+    assert g.started == [j.id for j in jobs]
+
+
+def test_queue_full_is_its_own_error(gate):
+    g, w = gate
+    first = w.submit(Job(REQ))
+    wait_for(lambda: first.state == JobState.RUNNING)
+    w.submit(Job(REQ))
+    w.submit(Job(REQ))
+    with pytest.raises(QueueFull) as info:
+        w.submit(Job(REQ))
+    assert info.value.retry_after_s >= 1
+
+
+def test_cancel_queued_leaves_at_once_and_positions_move_up(gate):
+    g, w = gate
+    running = w.submit(Job(REQ))
+    wait_for(lambda: running.state == JobState.RUNNING)
+    second, third = w.submit(Job(REQ)), w.submit(Job(REQ))
+    w.cancel(second)
+    assert second.state == JobState.CANCELLED and w.position(third) == 1
+    with pytest.raises(JobCancelled):
+        second.wait(1)
+    g.release.set()
+    third.wait(5)
+    assert second.id not in g.started
+
+
+def test_cancel_running_stops_at_next_step(gate):
+    g, w = gate
+    job = w.submit(Job(REQ))
+    wait_for(lambda: job.state == JobState.RUNNING)
+    w.cancel(job)
+    g.release.set()
+    with pytest.raises(JobCancelled):
+        job.wait(5)
+    assert job.step < REQ.steps
+
+
+def test_one_job_per_owner_and_cancel_owner(gate):
+    g, w = gate
+    w.submit(Job(REQ, owner="tab-a"))
+    with pytest.raises(ClientBusy):
+        w.submit(Job(REQ, owner="tab-a"))
+    other = w.submit(Job(REQ, owner="tab-b"))
+    assert w.cancel_owner("tab-b") == 1 and other.state == JobState.CANCELLED
+
+
+def test_eta_is_known_once_the_timer_has_a_measurement(gate):
+    g, w = gate
+    running = w.submit(Job(REQ))
+    wait_for(lambda: running.state == JobState.RUNNING)
+    waiting = w.submit(Job(REQ))
+    assert w.eta(waiting) is None
+    w.timer.record(REQ, step_seconds=0.5, overhead_seconds=1.0)
+    assert w.eta(waiting) == pytest.approx(2 * (4 * 0.5 + 1.0))
+    assert "position 1" in w.status(waiting).text
+
+
+def test_a_failing_job_does_not_kill_the_worker():
+    calls = []
+
+    def execute(job):
+        calls.append(job.id)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return JobResult([], [1], job.request, (), [], "t", "t", {}, 0)
+
+    w = SerialWorker(execute)
+    w.start()
+    try:
+        bad, good = w.submit(Job(REQ)), w.submit(Job(REQ))
+        with pytest.raises(JobFailed, match="boom"):
+            bad.wait(5)
+        assert good.wait(5).seeds == [1]
+    finally:
+        w.stop(0)
