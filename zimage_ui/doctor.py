@@ -46,7 +46,7 @@ def _model_section(settings: Settings) -> dict[str, Any]:
     if resolution.banner:
         rows["note"] = resolution.banner
     rows["next"] = ("zimage-ui download, then zimage-ui serve" if source.is_demo
-                    else "zimage-ui serve  →  http://%s:%d" % (settings.host, settings.port))
+                    else f"zimage-ui serve  →  http://{settings.host}:{settings.port}")
     return rows
 
 

@@ -47,7 +47,8 @@ def parameters_text(request: RunRequest, *, seed: int, model: str) -> str:
     return "\n".join(lines)
 
 
-def png_info(request: RunRequest, *, seed: int, model: str, extra: dict[str, Any] | None = None) -> PngImagePlugin.PngInfo:
+def png_info(request: RunRequest, *, seed: int, model: str,
+             extra: dict[str, Any] | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(request, seed=seed, model=model))
     payload = {"request": request.to_dict(), "seed": seed, "model": model, "versions": package_versions()}

@@ -119,7 +119,8 @@ def load_presets(path: str | Path | None = None, max_side: int | None = None) ->
             p = Preset(
                 name=name, label=str(t.get("label", name.title())), description=str(t.get("description", "")),
                 steps=int(t["steps"]), guidance=float(t["guidance"]),
-                steps_range=_pair(t, "steps_range", int, where), guidance_range=_pair(t, "guidance_range", float, where),
+                steps_range=_pair(t, "steps_range", int, where),
+                guidance_range=_pair(t, "guidance_range", float, where),
                 width=int(t.get("width", 1024)), height=int(t.get("height", 1024)), model=str(t.get("model", "turbo")),
             )
             _inside(p.steps_range, limits.steps, f"{where}.steps_range")

@@ -76,7 +76,8 @@ def test_progress_per_step(engine):
 def test_prompt_cache_skips_the_text_encoder(engine):
     hits = engine.prompt_cache.hits
     for seed in (1, 2):
-        engine.generate({"prompt": "a unique prompt for caching", "width": 256, "height": 256, "seed": seed}, timeout=60)
+        engine.generate({"prompt": "a unique prompt for caching", "width": 256, "height": 256, "seed": seed},
+                        timeout=60)
     assert engine.prompt_cache.hits == hits + 1
 
 

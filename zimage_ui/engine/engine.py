@@ -26,7 +26,7 @@ from ..presets import PresetBook, load_presets
 from ..settings import Settings
 from ..validation import GenerationRequest, RunRequest, Validated, validate
 from .eta import StepTimer
-from .jobs import Job, JobResult, JobStatus, MemoryRefused, NotReady
+from .jobs import EngineError, Job, JobResult, JobStatus, MemoryRefused, NotReady
 from .runner import PipelineRunner, PromptCache
 from .worker import SerialWorker
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DEMO_DEFAULT_SIDE = 512  # the demo model's default size: a fast, honest first image on a laptop CPU
 
 
-class EngineState(str, enum.Enum):
+class EngineState(enum.StrEnum):
     NEW = "new"
     LOADING = "loading"
     WARMING = "warming"
@@ -65,6 +65,8 @@ class Engine:
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
         self._result_hooks: list[Callable[[Job, JobResult], None]] = []
+        self._end_hooks: list[Callable[[Job], None]] = []
+        self._reject_hooks: list[Callable[[EngineError], None]] = []
         self._lock = threading.Lock()
 
     # --- start-up -----------------------------------------------------------------------------------------
@@ -220,14 +222,20 @@ class Engine:
 
         Raises RequestError, NotReady, MemoryRefused, QueueFull or ClientBusy — never an out-of-memory later.
         """
-        self._require_ready()
-        validated = raw if isinstance(raw, Validated) else self.validate(raw)
-        admission = self.admit(validated.request)
-        if admission.state == "over":
-            raise MemoryRefused(admission)
-        job = Job(validated.request, changes=validated.changes, notes=self.notes_for(validated.request),
-                  owner=owner)
-        return self.worker.submit(job)
+        try:
+            self._require_ready()
+            validated = raw if isinstance(raw, Validated) else self.validate(raw)
+            admission = self.admit(validated.request)
+            if admission.state == "over":
+                raise MemoryRefused(admission)
+            job = Job(validated.request, changes=validated.changes, notes=self.notes_for(validated.request),
+                      owner=owner)
+            job.on_change(self._job_changed)
+            return self.worker.submit(job)
+        except EngineError as exc:
+            for hook in self._reject_hooks:
+                self._call_hook(hook, exc)
+            raise
 
     def generate(self, raw: GenerationRequest | Mapping[str, Any] | Validated, *, owner: str | None = None,
                  timeout: float | None = None) -> JobResult:
@@ -246,6 +254,34 @@ class Engine:
     def add_result_hook(self, hook: Callable[[Job, JobResult], None]) -> None:
         """Call ``hook(job, result)`` on the worker thread after each finished job (history, metrics)."""
         self._result_hooks.append(hook)
+
+    def add_end_hook(self, hook: Callable[[Job], None]) -> None:
+        """Call ``hook(job)`` once when any job ends: done, cancelled or failed (metrics, history of failures).
+
+        It runs on whichever thread ended the job, just after waiters were released; result hooks run earlier.
+        """
+        self._end_hooks.append(hook)
+
+    def add_reject_hook(self, hook: Callable[[EngineError], None]) -> None:
+        """Call ``hook(error)`` when ``submit`` refuses a request (NotReady, MemoryRefused, QueueFull, ClientBusy)."""
+        self._reject_hooks.append(hook)
+
+    def _job_changed(self, job: Job) -> None:
+        if not job.done:
+            return
+        with self._lock:  # finish() notifies once, but a late cancel may notify again: fire exactly once
+            if getattr(job, "_end_hooks_fired", False):
+                return
+            job._end_hooks_fired = True  # type: ignore[attr-defined]
+        for hook in self._end_hooks:
+            self._call_hook(hook, job)
+
+    @staticmethod
+    def _call_hook(hook: Callable[[Any], None], arg: Any) -> None:
+        try:
+            hook(arg)
+        except Exception:
+            log.exception("engine hook %r failed", hook)
 
     def model_info(self) -> dict[str, Any]:
         m = self.model

@@ -15,7 +15,7 @@ from ..validation import Change, RunRequest
 _ids = itertools.count(1)
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
