@@ -20,7 +20,14 @@ log = logging.getLogger("zimage_ui")
 # Settings that are flags on serve/generate/doctor/bench (each field is --field-name).
 _SETTING_FLAGS = ("model", "model_dir", "base_model", "device", "dtype", "presets_file", "max_side", "warmup",
                   "max_queue", "jobs_per_client", "vram_budget_gb", "memory_margin_gb", "vram_poll_seconds",
-                  "output_dir", "save_images", "host", "port", "auth", "kiosk", "language", "log_level")
+                  "output_dir", "save_images", "host", "port", "auth", "kiosk", "language", "log_level",
+                  "auth_file", "open_health", "cors_origins", "rate_limit_per_minute", "watchdog_seconds",
+                  "grace_seconds", "history_db", "ui_gallery_max", "kiosk_idle_seconds")
+
+# Flags that only mean something to a running server.
+_SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_health", "cors_origins",
+               "rate_limit_per_minute", "watchdog_seconds", "grace_seconds", "history_db",
+               "ui_gallery_max", "kiosk_idle_seconds")
 
 
 class CliError(Exception):
@@ -182,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", help="0–4294967295; omitted or -1 = random (printed)")
     gen.add_argument("--batch", help="images per run, 1–4 (seeds seed, seed+1, …)")
     gen.add_argument("--output", "-o", help="PNG file or folder (default: output_dir/<date>/…)")
-    _add_setting_flags(gen, [n for n in _SETTING_FLAGS if n not in ("host", "port", "auth", "kiosk", "language")])
+    _add_setting_flags(gen, [n for n in _SETTING_FLAGS if n not in _SERVE_ONLY])
     gen.set_defaults(func=cmd_generate)
 
     doc = sub.add_parser("doctor", help="GPU, driver, memory, versions, where the model is, what to do next")
@@ -216,9 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # model folder errors and the like: one line, no traceback
+        import torch
+
         from .models.sources import ModelNotFoundError
 
-        if isinstance(exc, ModelNotFoundError | ValueError | OSError):
+        if isinstance(exc, ModelNotFoundError | ValueError | OSError | torch.OutOfMemoryError):
             print(f"zimage-ui: error: {exc}", file=sys.stderr)
             return 2
         raise

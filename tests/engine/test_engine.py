@@ -7,6 +7,7 @@ import pytest
 
 from zimage_ui.engine.engine import Engine, EngineState
 from zimage_ui.engine.jobs import JobCancelled, JobState, MemoryRefused, NotReady
+from zimage_ui.memory.probe import MemoryProbe, RawMemory
 from zimage_ui.settings import Settings
 from zimage_ui.validation import RequestError
 
@@ -114,19 +115,34 @@ def test_bad_request_is_refused_before_the_queue(engine):
     assert info.value.field == "width"
 
 
+class SmallMachine:
+    """A memory source for a machine with only ``total`` bytes (this one is too big to fill honestly)."""
+
+    def __init__(self, total):
+        self.total = total
+
+    def read(self):
+        return RawMemory(kind="cpu", name="small", total=self.total, allocated=0, reserved=0, device_used=0)
+
+    def reset_peak(self):
+        pass
+
+
 def test_request_predicted_not_to_fit_is_refused(engine):
     huge = engine.validate({"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1}).request
-    need = engine.predict_working_bytes(huge)
     small = engine.validate({"prompt": "x", "width": 256, "height": 256, "seed": 1}).request
-    assert need > engine.predict_working_bytes(small) > 0
-    saved = engine.settings.memory_margin_gb
-    # leave no room at all: the margin alone exceeds what the machine has
-    engine.settings.memory_margin_gb = engine.memory_snapshot().total_bytes / 2**30 + 1
+    need_huge, need_small = engine.predict_working_bytes(huge), engine.predict_working_bytes(small)
+    margin = engine.settings.memory_margin_bytes
+    assert need_huge > need_small > 0
+    total = engine.weights_bytes() + need_small + margin + (need_huge - need_small) // 2
+    real_probe = engine.probe
+    engine.probe = MemoryProbe(SmallMachine(total), engine.weights_bytes)
     try:
-        assert engine.admit(small).state in ("tight", "over")
-    finally:
-        engine.settings.memory_margin_gb = saved
-    snapshot = engine.memory_snapshot()
-    if need > snapshot.total_bytes:
-        with pytest.raises(MemoryRefused):
+        assert engine.admit(small).state == "ok"
+        refused = engine.admit(huge)
+        assert refused.state == "over" and refused.need_bytes == need_huge
+        with pytest.raises(MemoryRefused, match="too large"):
             engine.submit({"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1})
+        assert engine.generate({"prompt": "x", "width": 256, "height": 256, "seed": 1}, timeout=60).images
+    finally:
+        engine.probe = real_probe

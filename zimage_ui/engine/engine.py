@@ -212,10 +212,12 @@ class Engine:
         return self.estimator.predict(WorkShape(request.width, request.height, request.batch, request.cfg))
 
     def admit(self, request: RunRequest) -> Any:
-        """Would ``request`` fit now? An ``Admission`` with state ok / tight / over and a message."""
-        from ..memory.estimator import admit
+        """Would ``request`` fit now? An ``Admission`` with state ok / tight / over, a message and, when over,
+        the largest size that fits at the same aspect ratio."""
+        from ..memory.estimator import WorkShape, admit_shape
 
-        return admit(self.memory_snapshot(), self.predict_working_bytes(request), self.settings.memory_margin_bytes)
+        shape = WorkShape(request.width, request.height, request.batch, request.cfg)
+        return admit_shape(self.estimator, self.memory_snapshot(), shape, self.settings.memory_margin_bytes)
 
     def submit(self, raw: GenerationRequest | Mapping[str, Any] | Validated, *, owner: str | None = None) -> Job:
         """Validate (unless already validated), check memory, queue.
