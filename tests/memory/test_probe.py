@@ -1,0 +1,440 @@
+"""Memory probe: segment arithmetic on injected facts, the real CPU source, the CUDA source's plumbing, NVML."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zimage_ui.memory import nvml
+from zimage_ui.memory.probe import (
+    CpuMemorySource,
+    CudaMemorySource,
+    MemoryProbe,
+    MemorySnapshot,
+    RawMemory,
+    compose_snapshot,
+    make_probe,
+    weights_on_device,
+)
+
+GB = 2**30
+MB = 2**20
+REPO = Path(__file__).resolve().parents[2]
+
+
+class FakeSource:
+    """A MemorySource that returns whatever facts the test sets."""
+
+    def __init__(self, raw: RawMemory) -> None:
+        self.raw = raw
+        self.resets = 0
+
+    def read(self) -> RawMemory:
+        return self.raw
+
+    def reset_peak(self) -> None:
+        self.resets += 1
+
+
+def cuda_raw(**kw) -> RawMemory:
+    facts = dict(
+        kind="cuda",
+        name="NVIDIA H100 80GB HBM3",
+        total=80 * GB,
+        allocated=22 * GB,
+        reserved=25 * GB,
+        device_used=27 * GB,
+        peak_allocated=24 * GB,
+    )
+    facts.update(kw)
+    return RawMemory(**facts)
+
+
+def assert_partition(snap: MemorySnapshot) -> None:
+    sizes = [size for _, size in snap.segments()]
+    assert sum(sizes) == snap.total_bytes
+    assert all(size >= 0 for size in sizes)
+
+
+# --- arithmetic on injected facts ---------------------------------------------------------------------------------
+
+
+def test_cuda_segments_follow_the_definitions():
+    weights = int(19.28 * GB)
+    snap = compose_snapshot(cuda_raw(), weights)
+    assert snap.label == "GPU · VRAM" and snap.device_kind == "cuda"
+    assert snap.weights_bytes == weights
+    assert snap.working_bytes == 22 * GB - weights  # allocated − weights
+    assert snap.cache_bytes == 3 * GB  # reserved − allocated
+    assert snap.other_bytes == 2 * GB  # device used − reserved (context + other processes)
+    assert snap.free_bytes == 80 * GB - 27 * GB  # = mem_get_info free
+    assert snap.peak_working_bytes == 24 * GB - weights
+    assert [name for name, _ in snap.segments()] == ["weights", "working", "cache", "other", "free"]
+    assert_partition(snap)
+
+
+def test_cuda_without_nvml_has_no_nvml_block_and_same_segments():
+    with_nvml = cuda_raw(process_used=26 * GB, nvml={"device_used_bytes": 27 * GB, "process_used_bytes": 26 * GB})
+    a = compose_snapshot(cuda_raw(), 19 * GB)
+    b = compose_snapshot(with_nvml, 19 * GB)
+    assert a.nvml is None
+    assert b.nvml == {"device_used_bytes": 27 * GB, "process_used_bytes": 26 * GB}
+    # NVML refines the split of `other` in the nvml block, never the bar
+    assert a.segments() == b.segments()
+
+
+def test_cuda_other_and_cache_never_negative_and_clamped_to_total():
+    # readings taken microseconds apart while a job allocates can disagree: reserved < allocated, used < reserved
+    snap = compose_snapshot(cuda_raw(allocated=30 * GB, reserved=29 * GB, device_used=28 * GB), 19 * GB)
+    assert snap.cache_bytes == 0 and snap.other_bytes == 0
+    assert_partition(snap)
+    # weights larger than the device (a wrong callable) still partitions exactly
+    snap = compose_snapshot(cuda_raw(total=10 * GB), 40 * GB)
+    assert snap.weights_bytes == 10 * GB and snap.free_bytes == 0
+    assert_partition(snap)
+
+
+def test_cuda_peak_is_at_least_current_working():
+    snap = compose_snapshot(cuda_raw(peak_allocated=20 * GB), 19 * GB)  # peak counter older than the reading
+    assert snap.peak_working_bytes == snap.working_bytes == 3 * GB
+
+
+def test_cpu_segments_use_baseline_and_ram_used():
+    raw = RawMemory(kind="cpu", name="CPU", total=16 * GB, allocated=3 * GB, reserved=3 * GB, device_used=10 * GB)
+    snap = compose_snapshot(raw, weights_bytes=1 * GB, baseline_bytes=2 * GB, peak_growth_bytes=512 * MB)
+    assert snap.label == "CPU · RAM"
+    assert snap.working_bytes == 1 * GB  # RSS growth above the idle baseline
+    assert snap.cache_bytes == 0
+    assert snap.other_bytes == 10 * GB - 1 * GB - 1 * GB  # RAM used by everything else
+    assert snap.free_bytes == 6 * GB
+    assert snap.peak_working_bytes == 1 * GB  # never below the current working
+    no_baseline = compose_snapshot(raw, weights_bytes=1 * GB)
+    assert no_baseline.working_bytes == 0 and no_baseline.peak_working_bytes == 0
+    assert_partition(snap)
+
+
+raw_facts = st.builds(
+    RawMemory,
+    kind=st.sampled_from(["cuda", "cpu"]),
+    name=st.just("x"),
+    total=st.integers(0, 2**41),
+    allocated=st.integers(0, 2**41),
+    reserved=st.integers(0, 2**41),
+    device_used=st.integers(-(2**30), 2**41),
+    peak_allocated=st.one_of(st.none(), st.integers(0, 2**41)),
+    process_used=st.one_of(st.none(), st.integers(0, 2**41)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=raw_facts,
+    weights=st.integers(0, 2**41),
+    baseline=st.one_of(st.none(), st.integers(0, 2**41)),
+    peak=st.integers(0, 2**41),
+)
+def test_segments_always_partition_the_total(raw, weights, baseline, peak):
+    snap = compose_snapshot(raw, weights, baseline, peak)
+    assert_partition(snap)
+    assert snap.peak_working_bytes >= 0
+
+
+def test_to_dict_is_json_with_int_bytes():
+    snap = compose_snapshot(cuda_raw(nvml={"driver_version": "580.1"}), 19 * GB)
+    data = json.loads(json.dumps(snap.to_dict()))
+    for key, value in data.items():
+        if key.endswith("_bytes"):
+            assert isinstance(value, int), key
+    assert [s["name"] for s in data["segments"]] == ["weights", "working", "cache", "other", "free"]
+    assert sum(s["bytes"] for s in data["segments"]) == data["total_bytes"]
+    assert data["used_bytes"] == data["total_bytes"] - data["free_bytes"]
+    assert data["nvml"] == {"driver_version": "580.1"}
+
+
+def test_probe_uses_the_weights_callable_and_resets_the_source_peak():
+    source = FakeSource(cuda_raw())
+    weights = {"bytes": 19 * GB}
+    probe = MemoryProbe(source, lambda: weights["bytes"])
+    assert probe.snapshot().weights_bytes == 19 * GB
+    weights["bytes"] = 12 * GB  # text encoder offloaded
+    assert probe.snapshot().weights_bytes == 12 * GB
+    probe.mark_baseline()  # a no-op on CUDA
+    probe.reset_peak()
+    assert source.resets == 1
+
+
+def test_cpu_probe_tracks_peak_from_samples_with_injected_rss():
+    source = FakeSource(RawMemory("cpu", "CPU", 16 * GB, 2 * GB, 2 * GB, 8 * GB))
+    probe = MemoryProbe(source, lambda: 1 * GB)
+    probe.mark_baseline()
+    source.raw = RawMemory("cpu", "CPU", 16 * GB, 3 * GB, 3 * GB, 9 * GB)
+    probe.sample()
+    source.raw = RawMemory("cpu", "CPU", 16 * GB, 2 * GB + 100 * MB, 2 * GB + 100 * MB, 8 * GB)
+    snap = probe.snapshot()
+    assert snap.working_bytes == 100 * MB and snap.peak_working_bytes == 1 * GB
+    probe.reset_peak()
+    assert probe.snapshot().peak_working_bytes == 100 * MB
+
+
+# --- the real CPU source ------------------------------------------------------------------------------------------
+
+
+def test_real_cpu_source_reads_ram():
+    raw = CpuMemorySource().read()
+    assert raw.kind == "cpu" and raw.total > 0 and 0 < raw.allocated < raw.total
+    assert 0 < raw.device_used <= raw.total
+    snap = make_probe(torch.device("cpu"), lambda: 0).snapshot()
+    assert snap.label == "CPU · RAM" and snap.device_name == "CPU" and snap.total_bytes > 0
+    assert snap.nvml is None
+    assert_partition(snap)
+
+
+def test_real_cpu_probe_sees_a_200_mb_allocation():
+    probe = make_probe("cpu", lambda: 0)
+    assert isinstance(probe.source, CpuMemorySource)
+    probe.mark_baseline()
+    probe.reset_peak()
+    block = np.ones(200 * MB // 8)  # np.ones writes every page, so RSS really grows
+    probe.sample()
+    during = probe.snapshot()
+    assert during.working_bytes >= 150 * MB
+    assert during.peak_working_bytes >= 150 * MB
+    del block
+    after = probe.snapshot()
+    assert after.peak_working_bytes >= 150 * MB  # the peak outlives the allocation
+    assert after.working_bytes < during.working_bytes  # a 200 MB block is mmap'd and returned on free
+    probe.reset_peak()
+    assert probe.snapshot().peak_working_bytes < 150 * MB
+
+
+def test_probe_is_usable_from_a_timer_thread_while_another_samples():
+    probe = make_probe("cpu", lambda: 0)
+    probe.mark_baseline()
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            for _ in range(200):
+                probe.sample()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    snaps = [probe.snapshot() for _ in range(200)]
+    thread.join()
+    assert not errors
+    for snap in snaps:
+        assert_partition(snap)
+
+
+def test_weights_on_device_counts_parameters_and_buffers_once():
+    emb = torch.nn.Embedding(100, 8)
+    head = torch.nn.Linear(8, 100, bias=False)
+    head.weight = emb.weight  # tied, like Qwen3's embeddings
+    norm = torch.nn.BatchNorm1d(8)  # has buffers
+    expected = 100 * 8 * 4 + (8 + 8) * 4 + (8 + 8) * 4 + 8  # emb, norm weight+bias, running mean+var, counter
+    assert weights_on_device([emb, head, norm, None, "tokenizer"], "cpu") == expected
+    assert weights_on_device([emb], "cuda") == 0
+
+
+# --- the CUDA source's plumbing, with torch.cuda stubbed (no GPU here) ---------------------------------------------
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    calls = {"reset": 0}
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("the probe must never synchronize")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (57 * GB, 80 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 21 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 19 * GB + 3 * GB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 22 * GB)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i: calls.__setitem__("reset", calls["reset"] + 1))
+    return calls
+
+
+def test_cuda_source_reads_allocator_and_mem_get_info_without_nvml(fake_cuda, monkeypatch):
+    monkeypatch.setattr(nvml, "device_memory", lambda i: None)
+    raw = CudaMemorySource(0).read()
+    assert raw.device_used == 23 * GB and raw.total == 80 * GB  # total − mem_get_info free
+    assert (raw.allocated, raw.reserved, raw.peak_allocated) == (21 * GB, 22 * GB, 22 * GB)
+    assert raw.process_used is None and raw.nvml is None
+    probe = MemoryProbe(CudaMemorySource(0), lambda: 19 * GB)
+    snap = probe.snapshot()
+    segments = (snap.working_bytes, snap.cache_bytes, snap.other_bytes, snap.free_bytes)
+    assert segments == (2 * GB, 1 * GB, 1 * GB, 57 * GB)
+    probe.reset_peak()
+    assert fake_cuda["reset"] == 1
+
+
+def test_cuda_source_splits_other_with_nvml(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (56 * GB, 80 * GB))
+    monkeypatch.setattr(nvml, "device_memory", lambda i: (80 * GB, 24 * GB))
+    monkeypatch.setattr(nvml, "process_used_bytes", lambda i, pid=None: 22 * GB + 512 * MB)
+    monkeypatch.setattr(nvml, "driver_version", lambda: "580.65")
+    snap = MemoryProbe(CudaMemorySource(0), lambda: 19 * GB).snapshot()
+    assert snap.other_bytes == 2 * GB  # (80 − 56) − 22 reserved
+    assert snap.nvml["context_bytes"] == 512 * MB
+    assert snap.nvml["other_processes_bytes"] == 24 * GB - (22 * GB + 512 * MB)
+    assert snap.nvml["driver_version"] == "580.65"
+
+
+# --- nvml.py ------------------------------------------------------------------------------------------------------
+
+
+def test_nvml_never_raises_on_this_machine():
+    nvml._reset()
+    try:
+        if nvml.nvml_available():  # pragma: no cover - only on a machine with a driver
+            assert nvml.device_memory(0) is not None
+            return
+        assert nvml.device_memory(0) is None
+        assert nvml.process_used_bytes(0) is None
+        assert nvml.gpu_stats(0) is None
+        assert nvml.driver_version() is None
+        assert nvml.nvml_error()
+    finally:
+        nvml._reset()
+
+
+def test_nvml_index_follows_integer_cuda_visible_devices():
+    assert nvml.nvml_index(0, visible="2,3") == 2
+    assert nvml.nvml_index(1, visible=" 2 , 3 ") == 3
+    assert nvml.nvml_index(1, visible="GPU-1234,GPU-5678") == 1  # UUIDs: same index
+    assert nvml.nvml_index(5, visible="2,3") == 5
+    assert nvml.nvml_index(1, visible="") == 1
+
+
+class _Proc:
+    def __init__(self, pid, used):
+        self.pid, self.usedGpuMemory = pid, used
+
+
+class _NotSupported(Exception):
+    pass
+
+
+def _fake_pynvml(inits: list[int]):
+    lib = types.SimpleNamespace(NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, NVML_TEMPERATURE_GPU=0)
+    pid = os.getpid()
+
+    def init():
+        inits.append(1)
+
+    def power(handle):
+        raise _NotSupported("power readings not supported")
+
+    lib.nvmlInit = init
+    lib.nvmlDeviceGetHandleByIndex = lambda i: f"handle{i}"
+    lib.nvmlDeviceGetHandleByPciBusId = lambda bus: f"bus{bus}"
+    lib.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * GB, used=30 * GB)
+    lib.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        _Proc(pid, 20 * GB),
+        _Proc(pid, 1 * GB),
+        _Proc(pid + 1, 9 * GB),
+        _Proc(pid, None),
+    ]
+    lib.nvmlDeviceGetGraphicsRunningProcesses = lambda h: [_Proc(pid, 21 * GB)]  # the same process, C+G
+    lib.nvmlDeviceGetName = lambda h: b"NVIDIA H200"
+    lib.nvmlSystemGetDriverVersion = lambda: "580.65.06"
+    lib.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=97, memory=40)
+    lib.nvmlDeviceGetClockInfo = lambda h, kind: {1: 1980, 2: 3201}[kind]
+    lib.nvmlDeviceGetTemperature = lambda h, kind: 61
+    lib.nvmlDeviceGetPowerUsage = power
+    lib.nvmlDeviceGetEnforcedPowerLimit = lambda h: 700_000
+    return lib
+
+
+@pytest.fixture
+def fake_pynvml(monkeypatch):
+    inits: list[int] = []
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(inits))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    nvml._reset()
+    yield inits
+    nvml._reset()
+
+
+def test_nvml_wrapper_with_a_fake_library(fake_pynvml):
+    assert nvml.nvml_available()
+    assert nvml.device_memory(1) == (80 * GB, 30 * GB)
+    assert nvml._state["handles"][1] == "handle5"  # CUDA 1 → NVML 5 via CUDA_VISIBLE_DEVICES
+    # compute list: 20 + 1 GB for our pid (other pids and unknown usage ignored); graphics: 21 GB → max, not sum
+    assert nvml.process_used_bytes(0) == 21 * GB
+    assert nvml.process_used_bytes(0, pid=os.getpid() + 1) == 9 * GB
+    assert nvml.process_used_bytes(0, pid=1) is None
+    stats = nvml.gpu_stats(0)
+    assert stats.name == "NVIDIA H200" and stats.driver_version == "580.65.06"
+    assert (stats.utilization_percent, stats.sm_clock_mhz, stats.memory_clock_mhz) == (97, 1980, 3201)
+    assert stats.temperature_c == 61 and stats.power_limit_w == 700.0
+    assert stats.power_w is None  # one unsupported query → one NA field, not a crash
+    assert json.dumps(stats.to_dict())
+
+
+def test_nvml_initialises_once_across_threads(fake_pynvml):
+    threads = [threading.Thread(target=nvml.gpu_stats, args=(0,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(fake_pynvml) == 1
+
+
+def test_nvml_init_failure_is_cached_not_raised(monkeypatch):
+    calls: list[int] = []
+
+    def failing_init():
+        calls.append(1)
+        raise RuntimeError("Driver Not Loaded")
+
+    monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=failing_init))
+    nvml._reset()
+    try:
+        assert nvml.gpu_stats(0) is None and nvml.device_memory(0) is None and not nvml.nvml_available()
+        assert "Driver Not Loaded" in nvml.nvml_error()
+        assert len(calls) == 1
+    finally:
+        nvml._reset()
+
+
+# --- import hygiene and docs --------------------------------------------------------------------------------------
+
+
+def test_import_has_no_side_effects():
+    # (torch itself imports pynvml, so "pynvml in sys.modules" proves nothing; nvmlInit not having run does)
+    code = "import torch, zimage_ui.memory as m; print(torch.cuda.is_initialized(), m.nvml._state['init'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "None"]
+
+
+def test_no_web_framework_imports():
+    for path in (REPO / "zimage_ui" / "memory").glob("*.py"):
+        text = path.read_text()
+        assert "gradio" not in text and "fastapi" not in text, path
+
+
+@pytest.mark.parametrize("module", ["", ".probe", ".nvml", ".estimator", ".planner"])
+def test_module_docstring_examples_run(module):
+    mod = importlib.import_module("zimage_ui.memory" + module)
+    assert mod.__doc__ and ">>>" in mod.__doc__
+    result = doctest.testmod(mod)
+    assert result.failed == 0
