@@ -54,7 +54,7 @@ def _plan_section(settings: Settings) -> dict[str, Any]:
     import torch
 
     from .memory.estimator import WorkingMemoryEstimator
-    from .memory.planner import DeviceFacts, plan
+    from .memory.planner import Z_IMAGE_TURBO_BF16, DeviceFacts, plan
 
     if not torch.cuda.is_available():
         return {"placement": "resident in CPU RAM (no GPU)"}
@@ -62,13 +62,11 @@ def _plan_section(settings: Settings) -> dict[str, Any]:
     budget = int(settings.vram_budget_gb * GB) if settings.vram_budget_gb else None
     facts = DeviceFacts(kind="cuda", name=props.name, total_bytes=props.total_memory,
                         fp8_supported=(props.major, props.minor) >= (8, 9), budget_bytes=budget)
-    result = plan(facts, WorkingMemoryEstimator.default_for("cuda", 0), margin_bytes=settings.memory_margin_bytes)
-    rows: dict[str, Any] = {"chosen": result.chosen.name, "why": result.chosen.description}
-    for option in result.options:
-        mark = "fits" if option.fits else "does not fit"
-        rows[option.placement.name] = (f"{mark}: peak {option.placement.predicted_peak_bytes / GB:.1f} GB, "
-                                       f"~{option.placement.predicted_latency_s:.1f} s/image (prior) — {option.reason}")
-    return rows
+    estimator = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
+    result = plan(facts, estimator, margin_bytes=settings.memory_margin_bytes)
+    head, *options = result.lines()
+    return {"chosen": result.chosen.name, "why": result.chosen.description, "budget": head,
+            **{f"option {i + 1}": line for i, line in enumerate(options)}}
 
 
 def report(settings: Settings) -> dict[str, dict[str, Any]]:
