@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     auth: str | None = Field(None, description="user:password protecting the UI and API.")
     kiosk: bool = Field(False, description="Kiosk mode: locked presets, advanced controls hidden, no history.")
     language: Literal["auto", "en", "zh"] = Field("auto", description="UI language; auto follows the browser.")
+    ui_gallery_max: int = Field(24, ge=1, le=500, description="Images one browser session's gallery keeps "
+                                                              "(newest first).")
+    kiosk_idle_seconds: float = Field(120.0, ge=10, description="Kiosk mode: clear the gallery and prompt after "
+                                                                "this long without activity.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
     @field_validator("dtype")
