@@ -1,0 +1,109 @@
+"""The page's named endpoints through gradio_client, against the page served on the demo model.
+
+Each ``Client`` is one browser session (its own ``session_hash``), so two clients are two tabs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from zimage_ui.metadata import read_metadata
+
+from .conftest import wait_until
+
+# lang, prompt, negative_prompt, preset, steps, guidance, width, height, seed, random_seed, batch
+FAST = ("en", "a red circle", "", "turbo", None, None, 256, 256, 7, False, 1)
+# ~1.3 s per step on two CPU cores: long enough to cancel while it runs
+SLOW = ("en", "a slow one", "", "quality", 50, None, 1024, 1024, 3, False, 1)
+
+
+def args(base: tuple, **changes) -> tuple:
+    names = ("lang", "prompt", "negative_prompt", "preset", "steps", "guidance", "width", "height", "seed",
+             "random_seed", "batch")
+    values = dict(zip(names, base, strict=True))
+    values.update(changes)
+    return tuple(values[n] for n in names)
+
+
+def notice_text(value) -> str:
+    """The notice arrives as a visibility update (``{"value": ..., "visible": ...}``) or as plain text."""
+    return value.get("value") or "" if isinstance(value, dict) else value or ""
+
+
+@pytest.fixture
+def client(page_url):
+    c = Client(page_url, verbose=False)
+    yield c
+    c.close()
+
+
+def statuses(job) -> list[str]:
+    return [out[0] for out in job.outputs() if isinstance(out[0], str)]
+
+
+def test_generate_streams_progress_then_the_images(client, demo_engine):
+    job = client.submit(*FAST, api_name="/generate")
+    status, gallery, seed, _notice = job.result(timeout=60)
+    assert status.startswith("1 image · 256×256 · 8 steps · seed 7 · ") and "peak working memory" in status
+    assert seed == 7 and len(gallery) == 1 and gallery[0]["caption"] == "seed 7"
+    meta = read_metadata(Path(gallery[0]["image"]))  # the download carries its parameters, as A1111's do
+    assert "Seed: 7" in meta["parameters"] and "Size: 256x256" in meta["parameters"]
+    seen = statuses(job)
+    assert any(s.startswith("Step ") for s in seen), seen
+    assert seen[-1] == status
+
+
+def test_validator_clamps_before_queueing_and_says_what(client):
+    notice, steps, guidance, width, height, batch, seed, readout = client.predict(
+        *args(FAST, preset="quality", steps=60, guidance=7.5, width=250), api_name="/check")
+    text = notice_text(notice)
+    assert "steps 60 → 50 (quality allows 20–50)" in text
+    assert "guidance 7.5 → 7 (quality allows 0–7)" in text
+    assert "width 250 → 256" in text
+    assert (steps, guidance, width, height, batch, seed) == (50, 7.0, 256, 256, 1, 7)
+
+
+def test_generate_reports_clamps_to_clients_that_skip_the_check(client):
+    status, gallery, _seed, notice = client.predict(*args(FAST, steps=30), api_name="/generate")
+    assert "steps 30 → 16 (turbo allows 1–16)" in notice_text(notice)
+    assert "16 steps" in status and len(gallery) == 1
+
+
+def test_a_request_that_cannot_run_never_enters_the_queue(client, demo_engine):
+    with pytest.raises(Exception, match="prompt: must not be empty"):
+        client.predict(*args(FAST, prompt="   "), api_name="/check")
+
+
+def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine):
+    tab_a, tab_b = Client(page_url, verbose=False), Client(page_url, verbose=False)
+    try:
+        running = tab_a.submit(*SLOW, api_name="/generate")
+        wait_until(lambda: any(s.startswith("Step ") for s in statuses(running)), timeout=60)
+
+        # the same session again: refused with a clear message, not queued
+        again = tab_a.predict(*FAST, api_name="/generate")
+        assert again[0] == "You already have a job waiting or running. Wait for it, or press Cancel first."
+
+        # another session: no error, a queue position and an ETA
+        waiting = tab_b.submit(*FAST, api_name="/generate")
+        wait_until(lambda: any(s.startswith("In the queue: position 1") for s in statuses(waiting)), timeout=30)
+        assert any("done in about" in s for s in statuses(waiting)), statuses(waiting)
+
+        # Cancel stops a queued job at once ...
+        t0 = time.monotonic()
+        assert tab_b.predict("en", api_name="/cancel") == "Cancelling…"
+        assert waiting.result(timeout=10)[0] == "Cancelled."
+        assert time.monotonic() - t0 < 3
+        # ... and a running one at its next step
+        assert tab_a.predict("en", api_name="/cancel") == "Cancelling…"
+        assert running.result(timeout=15)[0] == "Cancelled."
+        assert time.monotonic() - t0 < 8
+        assert tab_a.predict("en", api_name="/cancel") == "Nothing to cancel."
+        wait_until(lambda: demo_engine.worker.running is None, timeout=10)
+    finally:
+        tab_a.close()
+        tab_b.close()

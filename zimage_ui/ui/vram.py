@@ -1,0 +1,143 @@
+"""The three-segment VRAM bar as HTML: a pure function of (snapshot, projected need, admission).
+
+The engine measures (``zimage_ui.memory``); this module only draws. Everything it shows is in the markup as data
+(``data-segment``, integer ``data-bytes``, ``data-state``) so tests and scripts read the same numbers a user sees.
+
+    >>> from zimage_ui.memory.probe import MemorySnapshot
+    >>> GB = 2**30
+    >>> snap = MemorySnapshot("cuda", "H100", "GPU · VRAM", 80 * GB, 20 * GB, 0, 0, 2 * GB, 58 * GB, 0)
+    >>> view = bar_view(snap, need_bytes=3 * GB, state="ok")
+    >>> [(s.name, round(s.percent, 1)) for s in view.segments]
+    [('weights', 25.0), ('other', 2.5), ('working', 0.0), ('free', 72.5)]
+    >>> round(view.projected_left, 1), round(view.projected_width, 2)
+    (27.5, 3.75)
+
+Drawing order is weights, other, working, cache, free (the snapshot's order is weights, working, cache, other,
+free). A request runs when the worker is idle, so the running job's working memory, PyTorch's cache and the free
+memory are what the next request can use (the estimator's admission counts them the same way): drawn side by side
+at the right, they make one region, and the projected yellow block of the next request starts where it begins.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+from .i18n import format_bytes, t
+
+# Bar order (see the module docstring). weights, working and free are always drawn; cache and other only when > 0.
+DRAW_ORDER = ("weights", "other", "working", "cache", "free")
+ALWAYS_DRAWN = frozenset({"weights", "working", "free"})
+STATES = ("ok", "tight", "over")
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    bytes: int
+    percent: float  # of the device total
+
+
+@dataclass(frozen=True)
+class BarView:
+    """The numbers behind one drawing of the bar (tested without HTML)."""
+
+    label: str
+    device_name: str
+    total_bytes: int
+    used_bytes: int
+    segments: tuple[Segment, ...]
+    need_bytes: int | None
+    state: str
+    projected_left: float  # percent of the bar where the projected block starts
+    projected_width: float  # percent of the bar it covers (clipped at the right end)
+
+
+def bar_view(snapshot: Any, need_bytes: int | None, state: str) -> BarView:
+    """Segment widths and the projected block's place for ``snapshot`` (a ``MemorySnapshot``)."""
+    total = max(int(snapshot.total_bytes), 1)
+    sizes = dict(snapshot.segments())
+    segments = tuple(Segment(name, int(sizes.get(name, 0)), 100.0 * int(sizes.get(name, 0)) / total)
+                     for name in DRAW_ORDER if name in ALWAYS_DRAWN or sizes.get(name, 0) > 0)
+    fixed = sizes.get("weights", 0) + sizes.get("other", 0)
+    left = 100.0 * fixed / total
+    width = 0.0
+    if need_bytes:
+        width = min(100.0 * need_bytes / total, 100.0 - left)
+    return BarView(label=snapshot.label, device_name=snapshot.device_name, total_bytes=int(snapshot.total_bytes),
+                   used_bytes=int(snapshot.total_bytes) - int(sizes.get("free", 0)), segments=segments,
+                   need_bytes=need_bytes, state=state if state in STATES else "ok", projected_left=left,
+                   projected_width=max(width, 0.0))
+
+
+def admission_message(admission: Any, largest: tuple[int, int, int] | None, lang: str) -> str:
+    """What the line under the bar says about the current parameters, in ``lang``.
+
+    ``largest`` is (width, height, batch) of the largest request of the same shape that fits, for the over state.
+    """
+    if admission is None:
+        return t(lang, "state.unknown")
+    need = format_bytes(admission.need_bytes)
+    available = format_bytes(admission.available_bytes)
+    if admission.state == "over":
+        if largest is None:
+            return t(lang, "state.over_none", need=need, available=available)
+        return t(lang, "state.over", need=need, available=available, largest=shape_text(largest, lang))
+    if admission.state == "tight":
+        return t(lang, "state.tight", need=need, available=available, margin=format_bytes(admission.margin_bytes))
+    return t(lang, "state.ok", need=need, available=available)
+
+
+def shape_text(shape: tuple[int, int, int], lang: str) -> str:
+    """``1024×768`` or ``1024×768 × 2`` (a batch of two)."""
+    width, height, batch = shape
+    key = "largest_shape_batch" if batch > 1 else "largest_shape"
+    return t(lang, key, width=width, height=height, batch=batch)
+
+
+def render_vram_bar(snapshot: Any, *, need_bytes: int | None = None, admission: Any = None,
+                    largest: tuple[int, int, int] | None = None, lang: str = "en") -> str:
+    """The bar's HTML: head line, ``#vram-bar`` with one child per segment, legend with GB figures, message."""
+    if snapshot is None:
+        return (f'<div class="zb"><div id="vram-bar" class="zb-bar" data-state="ok" data-total-bytes="0"></div>'
+                f'<div class="zb-msg">{html.escape(t(lang, "state.unknown"))}</div></div>')
+    state = admission.state if admission is not None else "ok"
+    view = bar_view(snapshot, need_bytes, state)
+    esc = html.escape
+    parts = [
+        '<div class="zb">',
+        '<div class="zb-head">',
+        f'<span class="zb-label">{esc(view.label)}</span>',
+        f'<span class="zb-device">{esc(view.device_name)}</span>',
+        f'<span class="zb-used">{esc(t(lang, "bar_title_used", used=format_bytes(view.used_bytes), total=format_bytes(view.total_bytes)))}</span>',  # noqa: E501
+        '</div>',
+        f'<div id="vram-bar" class="zb-bar" data-state="{esc(view.state)}" data-total-bytes="{view.total_bytes}"'
+        f' data-need-bytes="{int(need_bytes or 0)}" role="img" aria-label="{esc(_aria(view, lang))}">',
+    ]
+    for seg in view.segments:
+        title = f"{t(lang, 'seg.' + seg.name)}: {format_bytes(seg.bytes)}"
+        parts.append(f'<div class="zb-seg" data-segment="{seg.name}" data-bytes="{seg.bytes}"'
+                     f' style="width:{seg.percent:.4f}%" title="{esc(title)}"></div>')
+    if need_bytes:
+        title = f"{t(lang, 'seg.projected')}: {t(lang, 'bar_need', need=format_bytes(need_bytes))}"
+        parts.append(f'<div class="zb-projected" data-projected-bytes="{int(need_bytes)}"'
+                     f' style="left:{view.projected_left:.4f}%;width:{view.projected_width:.4f}%"'
+                     f' title="{esc(title)}"></div>')
+    parts.append('</div>')
+    parts.append('<div class="zb-legend">')
+    for seg in view.segments:
+        parts.append(f'<span class="zb-key" data-key="{seg.name}"><i class="zb-swatch"></i>'
+                     f'{esc(t(lang, "seg." + seg.name))} <b>{esc(format_bytes(seg.bytes))}</b></span>')
+    if need_bytes:
+        parts.append(f'<span class="zb-key" data-key="projected"><i class="zb-swatch"></i>'
+                     f'{esc(t(lang, "seg.projected"))} <b>≈ {esc(format_bytes(need_bytes))}</b></span>')
+    parts.append('</div>')
+    parts.append(f'<div class="zb-msg" data-state="{esc(view.state)}">'
+                 f'{esc(admission_message(admission, largest, lang))}</div>')
+    parts.append('</div>')
+    return "".join(parts)
+
+
+def _aria(view: BarView, lang: str) -> str:
+    return "; ".join(f"{t(lang, 'seg.' + s.name)} {format_bytes(s.bytes)}" for s in view.segments)
