@@ -196,7 +196,8 @@ class Page:
         """A parameter was edited: redraw the bar, say what would be clamped, enable or disable Generate."""
         return self._refresh(values, self.raw_request(values))
 
-    def _refresh(self, values: dict[Any, Any], raw: GenerationRequest, **extra: Any) -> dict[Any, Any]:
+    def _refresh(self, values: dict[Any, Any], raw: GenerationRequest,
+                 extra: dict[Any, Any] | None = None) -> dict[Any, Any]:
         w, lang = self.w, values.get(self.w.lang) or "en"
         validated = self._for_projection(raw)
         bar, enabled = self.projection(validated.request if validated else None, lang)
@@ -204,7 +205,7 @@ class Page:
         out = {w.vram: bar, w.generate: gr.update(interactive=enabled),
                w.notice: notice_update(self.notice(validated, lang, applied=False)),
                w.negative: gr.update(visible=guidance > 0)}
-        out.update(extra)
+        merge_updates(out, extra or {})
         return out
 
     def on_preset(self, values: dict[Any, Any]) -> dict[Any, Any]:
@@ -212,7 +213,7 @@ class Page:
         w, lang = self.w, values.get(self.w.lang) or "en"
         preset = self._preset(values.get(w.preset))
         raw = self.raw_request(values, steps=preset.steps, guidance=preset.guidance)
-        return self._refresh(values, raw, **{w.steps: preset.steps, w.guidance: preset.guidance,
+        return self._refresh(values, raw, {w.steps: preset.steps, w.guidance: preset.guidance,
                                              w.preset_info: self.preset_info(preset.name, lang)})
 
     def on_size(self, values: dict[Any, Any]) -> dict[Any, Any]:
@@ -223,7 +224,7 @@ class Page:
             return self.on_params(values)
         width, height = self.sizes.size(size_class, ratio)
         raw = self.raw_request(values, width=width, height=height)
-        return self._refresh(values, raw, **{w.width: width, w.height: height,
+        return self._refresh(values, raw, {w.width: width, w.height: height,
                                              w.size_readout: self.size_readout(width, height, lang)})
 
     def on_dimensions(self, values: dict[Any, Any]) -> dict[Any, Any]:
@@ -234,7 +235,7 @@ class Page:
         found = self.sizes.find(int(width or 0), int(height or 0))
         if found:
             extra[w.size_class], extra[w.aspect] = found
-        return self._refresh(values, self.raw_request(values), **extra)
+        return self._refresh(values, self.raw_request(values), extra)
 
     def preset_info(self, name: str, lang: str) -> str:
         preset = self._preset(name)
@@ -258,7 +259,7 @@ class Page:
         out: dict[Any, Any] = {w.vram: bar, w.generate: gr.update(interactive=enabled),
                                w.gpu: render_gpu_panel(self.gpu_history, lang)}
         if self.engine.ready and not values.get(w.ready_seen):
-            out.update(self.model_updates(lang, fill_size=True))
+            merge_updates(out, self.model_updates(lang, fill_size=True))
         elif not self.engine.ready:
             out[w.title] = self.title_html(lang)
         return out
@@ -269,21 +270,21 @@ class Page:
         accept = request.headers.get("accept-language") if request is not None else None
         lang = pick_language(getattr(self.settings, "language", "auto"), accept)
         values = {**values, w.lang: lang}
-        out = self.language_updates(lang)
-        out[w.lang] = lang
+        out = self.language_updates(lang, values)
+        merge_updates(out, {w.lang: lang})
         if self.engine.ready:
-            out.update(self.model_updates(lang, fill_size=True))
+            merge_updates(out, self.model_updates(lang, fill_size=True))
             preset = self._default_preset()
             values.update({w.width: preset.width, w.height: preset.height})
-        out.update(self.on_tick(values))
+        merge_updates(out, self.on_tick(values))
         out[w.status] = self.idle_status(lang)
         return out
 
     def on_language(self, values: dict[Any, Any]) -> dict[Any, Any]:
         """The language switch: relabel everything, redraw the texts built on the server."""
         lang = values.get(self.w.lang) or "en"
-        out = self.language_updates(lang)
-        out.update(self._refresh(values, self.raw_request(values)))
+        out = self.language_updates(lang, values)
+        merge_updates(out, self._refresh(values, self.raw_request(values)))
         out[self.w.status] = self.idle_status(lang)
         return out
 
@@ -330,11 +331,13 @@ class Page:
                 out[w.size_class], out[w.aspect] = gr.update(choices=classes, value=found[0]), found[1]
         return out
 
-    def language_updates(self, lang: str) -> dict[Any, Any]:
-        """Every label, placeholder and button text in ``lang``."""
+    def language_updates(self, lang: str, values: dict[Any, Any]) -> dict[Any, Any]:
+        """Every label, placeholder, button and explanatory line in ``lang`` (``values``: the widgets' values)."""
         w = self.w
         book = self.engine.presets()
         return {
+            w.preset_info: self.preset_info(values.get(w.preset), lang),
+            w.size_readout: self.size_readout(values.get(w.width), values.get(w.height), lang),
             w.title: self.title_html(lang),
             w.banner: self.banner_update(lang),
             w.lang: gr.update(label=t(lang, "language_label")),
@@ -358,6 +361,8 @@ class Page:
             w.gallery: gr.update(label=t(lang, "gallery_label")),
             w.gpu_accordion: gr.update(label=t(lang, "gpu_title")),
             w.gpu: render_gpu_panel(self.gpu_history, lang),
+            w.notice: notice_update(self.notice(self._for_projection(self.raw_request(values)), lang,
+                                                applied=False)),
         }
 
     # --- handlers: generate, cancel, unload -----------------------------------------------------------------------
@@ -640,7 +645,7 @@ class Page:
         everything = [w.title, w.banner, w.lang, w.prompt, w.negative, w.preset, w.aspect, w.size_class,
                       w.advanced, w.steps, w.guidance, w.width, w.height, w.seed, w.random_seed, w.batch,
                       w.generate, w.cancel, w.gallery, w.gpu_accordion, w.gpu, w.vram, w.notice, w.status,
-                      w.size_readout, w.ready_seen]
+                      w.size_readout, w.preset_info, w.ready_seen]
         w.lang.input(self.on_language, params, everything, **quick)
         demo.load(self.on_load, params, everything, **quick)
 
@@ -668,6 +673,24 @@ class Page:
             kiosk_timer.tick(self.on_kiosk_tick, {w.lang, w.last_active, w.gallery_state},
                              [w.gallery, w.gallery_state, w.prompt, w.last_active, w.status], **quick)
             w.prompt.input(self.on_activity, None, [w.last_active], **quick)
+
+
+def _is_update(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update"
+
+
+def merge_updates(out: dict[Any, Any], more: dict[Any, Any]) -> dict[Any, Any]:
+    """Add ``more`` to ``out``; two updates of one component combine (a label and a value, say) instead of the
+    second replacing the first. A plain value counts as an update of ``value``."""
+    for component, new in more.items():
+        if component not in out:
+            out[component] = new
+            continue
+        old = out[component]
+        old_u = old if _is_update(old) else {"__type__": "update", "value": old}
+        new_u = new if _is_update(new) else {"__type__": "update", "value": new}
+        out[component] = {**old_u, **new_u}
+    return out
 
 
 def notice_update(text: str) -> Any:

@@ -105,12 +105,14 @@ def render_vram_bar(snapshot: Any, *, need_bytes: int | None = None, admission: 
     state = admission.state if admission is not None else "ok"
     view = bar_view(snapshot, need_bytes, state)
     esc = html.escape
+    used = t(lang, "bar_title_used", used=format_bytes(view.used_bytes), total=format_bytes(view.total_bytes))
     parts = [
         '<div class="zb">',
         '<div class="zb-head">',
         f'<span class="zb-label">{esc(view.label)}</span>',
-        f'<span class="zb-device">{esc(view.device_name)}</span>',
-        f'<span class="zb-used">{esc(t(lang, "bar_title_used", used=format_bytes(view.used_bytes), total=format_bytes(view.total_bytes)))}</span>',  # noqa: E501
+        # "CPU" beside "CPU · RAM" says nothing; a GPU's name does
+        f'<span class="zb-device">{esc("" if view.device_name in view.label else view.device_name)}</span>',
+        f'<span class="zb-used">{esc(used)}</span>',
         '</div>',
         f'<div id="vram-bar" class="zb-bar" data-state="{esc(view.state)}" data-total-bytes="{view.total_bytes}"'
         f' data-need-bytes="{int(need_bytes or 0)}" role="img" aria-label="{esc(_aria(view, lang))}">',

@@ -1,0 +1,145 @@
+"""The page in a real browser: Debian's chromium driven by Playwright, against the page served on the demo model."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from .conftest import serve_page, small_machine, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SEGMENTS_JS = """() => Array.from(document.querySelector('#vram-bar').children)
+    .filter(e => e.dataset.segment).map(e => [e.dataset.segment, e.dataset.bytes])"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def open_page(browser, page_url):
+    """Open the page in a fresh context (a fresh session); records requests that leave loopback."""
+    contexts = []
+
+    def opener(url: str = page_url, locale: str = "en-US"):
+        context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        page = context.new_page()
+        page.external = []
+        page.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                else page.external.append(r.url))
+        page.goto(url)
+        page.wait_for_selector("#vram-bar [data-segment=weights]", timeout=30_000)
+        page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=30_000)
+        return page
+
+    yield opener
+    for context in contexts:
+        context.close()
+
+
+def bar_state(page) -> str:
+    return page.get_attribute("#vram-bar", "data-state")
+
+
+def test_page_shows_the_bar_with_measured_segments_and_works_offline(open_page, demo_engine):
+    page = open_page()
+    found = dict(page.evaluate(SEGMENTS_JS))
+    assert {"weights", "working", "free"} <= set(found) <= {"weights", "working", "cache", "other", "free"}
+    assert all(re.fullmatch(r"\d+", v) for v in found.values())
+    total = int(page.get_attribute("#vram-bar", "data-total-bytes"))
+    assert sum(int(v) for v in found.values()) == total > 0
+    assert int(found["weights"]) == demo_engine.weights_bytes()  # the model's own bytes, not a guess
+    assert bar_state(page) == "ok"
+    legend = page.inner_text(".zb-legend")
+    assert "Model weights" in legend and "Free" in legend and re.search(r"\d+\.\d GB", legend)
+    assert "CPU · RAM" in page.inner_text(".zb-head")
+    assert "Demo model" in page.inner_text("#zi-banner") and "zimage-ui download" in page.inner_text("#zi-banner")
+    assert page.external == []  # no CDN fonts, scripts or images
+
+
+def test_generate_in_the_browser_with_a_clamp_shown_before_queueing(open_page):
+    page = open_page()
+    page.fill("#prompt textarea", "a lighthouse on a cliff at dusk")
+    page.click("#advanced button")  # open the accordion
+    page.fill("#steps input", "30")
+    page.press("#steps input", "Tab")
+    page.wait_for_selector("#zi-notice:has-text('steps 30 → 16 (turbo allows 1–16)')", timeout=10_000)
+    page.click("#generate-btn")
+    page.wait_for_selector("#zi-notice:has-text('Adjusted before queueing')", timeout=10_000)
+    assert page.input_value("#steps input") == "16"
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    status = page.inner_text("#status")
+    assert re.search(r"1 image · 512×512 · 16 steps · seed \d+ · [\d.]+ s · peak working memory", status), status
+
+
+def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, demo_engine):
+    with small_machine(demo_engine):  # 4 GiB in all, 1 GiB in use: the demo estimator's 1536² × 4 can't fit
+        page = open_page()
+        page.click("#size-class label:has-text('1536')")
+        page.click("#advanced button")
+        page.fill("#batch input[type=number]", "4")
+        page.press("#batch input[type=number]", "Tab")
+        page.wait_for_selector("#vram-bar[data-state=over]", timeout=10_000)
+        page.wait_for_function("() => document.querySelector('#generate-btn').disabled", timeout=10_000)
+        message = page.inner_text(".zb-msg")
+        assert "Won't fit" in message and "Largest size that fits:" in message and "× 4" in message
+        need = int(page.get_attribute("#vram-bar", "data-need-bytes"))
+        assert need == demo_engine.predict_working_bytes(demo_engine.validate(
+            {"prompt": "x", "width": 1536, "height": 1536, "batch": 4}).request)
+        # the timer keeps it red; back to one small image and it fits again
+        page.wait_for_timeout(1200)
+        assert bar_state(page) == "over"
+        page.click("#size-class label:has-text('512')")
+        page.fill("#batch input[type=number]", "1")
+        page.press("#batch input[type=number]", "Tab")
+        page.wait_for_selector("#vram-bar[data-state=ok]", timeout=10_000)
+        page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=10_000)
+
+
+def test_language_follows_the_browser_and_switches(open_page):
+    page = open_page(locale="zh-CN")
+    page.wait_for_selector("#generate-btn:has-text('生成')", timeout=10_000)
+    assert "模型权重" in page.inner_text(".zb-legend")
+    page.click("#zi-lang label:has-text('English')")
+    page.wait_for_selector("#generate-btn:has-text('Generate')", timeout=10_000)
+    page.wait_for_selector(".zb-legend:has-text('Model weights')", timeout=10_000)
+
+
+def test_closing_the_tab_cancels_its_job(open_page, demo_engine):
+    page = open_page()
+    page.fill("#prompt textarea", "a long one")
+    page.click("#preset label:has-text('Quality')")
+    page.click("#size-class label:has-text('1024')")  # 50 steps at 1024²: about a minute on two cores
+    page.click("#generate-btn")
+    page.wait_for_selector("#status:has-text('Step')", timeout=60_000)
+    job = demo_engine.worker.running
+    assert job is not None and job.request.steps == 50
+    page.close()
+    wait_until(lambda: job.done, timeout=20)
+    assert job.state.value == "cancelled" and job.step < 50
+
+
+def test_kiosk_hides_advanced_controls_and_links_out(browser, demo_engine, open_page):
+    kiosk_settings = demo_engine.settings.model_copy(update={"kiosk": True})
+    with serve_page(demo_engine, kiosk_settings) as url:
+        page = open_page(url)
+        assert page.locator("#advanced").count() == 0 or not page.locator("#advanced").is_visible()
+        assert page.locator(".zi-kiosk").count() == 1
+        assert page.locator("footer a").count() == 0
+        page.fill("#prompt textarea", "kiosk")
+        page.click("#generate-btn")
+        page.wait_for_selector("#gallery img", timeout=60_000)
