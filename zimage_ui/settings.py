@@ -61,6 +61,23 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind. Use 0.0.0.0 to serve a LAN (set auth too).")
     port: int = Field(7860, ge=1, le=65535, description="TCP port of the web UI and REST API.")
     auth: str | None = Field(None, description="user:password protecting the UI and API.")
+    auth_file: Path | None = Field(None, description="A file of users, one user:password a line (# comments), "
+                                                     "protecting the UI and API; combines with --auth.")
+    open_health: bool = Field(True, description="Leave /healthz, /readyz and /metrics open without auth, for "
+                                                "supervisor and Prometheus checks.")
+    cors_origins: str = Field("", description="Comma-separated browser origins (https://host:port) allowed to "
+                                              "call the API from other pages; empty = same origin only.")
+    rate_limit_per_minute: int = Field(0, ge=0, le=100_000, description="Generations one client address may "
+                                                                        "start per minute (0 = no limit). When "
+                                                                        "set, jobs_per_client also applies per "
+                                                                        "address to the API.")
+    watchdog_seconds: float = Field(600.0, ge=0, description="A running job that makes no progress for this "
+                                                             "long marks the server unhealthy and exits it so "
+                                                             "a supervisor restarts it (0 = off).")
+    grace_seconds: float = Field(30.0, ge=0, le=3600, description="On SIGTERM, how long the running job may "
+                                                                  "take to finish before it is cancelled.")
+    history_db: Path | None = Field(None, description="SQLite file of the generation history "
+                                                      "(default: output_dir/history.sqlite3).")
     kiosk: bool = Field(False, description="Kiosk mode: locked presets, advanced controls hidden, no history.")
     language: Literal["auto", "en", "zh"] = Field("auto", description="UI language; auto follows the browser.")
     ui_gallery_max: int = Field(24, ge=1, le=500, description="Images one browser session's gallery keeps "

@@ -1,0 +1,153 @@
+"""Prometheus metrics of one service: a registry per app (tests and two apps in one process never collide).
+
+Series (all ``zimage_``): queue depth and running job, jobs by outcome (ok, cancelled, rejected, oom, error),
+rejections by reason, generation seconds and seconds per step (histograms by preset), VRAM bytes by segment,
+OOMs recovered, model load and warm-up seconds, readiness.
+
+    >>> from prometheus_client import generate_latest
+    >>> m = ServiceMetrics(engine=None)
+    >>> m.count_rejection("rate_limited")
+    >>> b'zimage_jobs_total{outcome="rejected"} 1.0' in generate_latest(m.registry)
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..engine.jobs import ClientBusy, EngineError, Job, JobFailed, JobState, MemoryRefused, NotReady, QueueFull
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ok", "cancelled", "rejected", "oom", "error")
+VRAM_SEGMENTS = ("total", "weights", "working", "cache", "other", "free")
+# Turbo at 1024² is ~1 s on an H200 and a few on smaller cards; CPU and base presets reach minutes.
+GENERATION_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600)
+STEP_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+
+
+def job_outcome(job: Job) -> str:
+    """ok, cancelled, oom or error for a finished job."""
+    if job.state == JobState.DONE:
+        return "ok"
+    if job.state == JobState.CANCELLED:
+        return "cancelled"
+    if isinstance(job.error, JobFailed) and job.error.kind == "oom":
+        return "oom"
+    return "error"
+
+
+def rejection_reason(error: EngineError) -> str:
+    """The ``reason`` label of a refused submission."""
+    if isinstance(error, QueueFull):
+        return "queue_full"
+    if isinstance(error, MemoryRefused):
+        return "memory"
+    if isinstance(error, ClientBusy):
+        return "client_busy"
+    if isinstance(error, NotReady):
+        return "not_ready"
+    return "other"
+
+
+class _EngineCollector(Collector):
+    """Values read from the engine at scrape time: nothing to keep in sync, nothing stale."""
+
+    def __init__(self, engine: Any, unhealthy: Callable[[], bool]):
+        self.engine = engine
+        self.unhealthy = unhealthy
+
+    def collect(self) -> Iterator[Any]:
+        engine = self.engine
+        worker = getattr(engine, "worker", None)
+        running = worker.running if worker is not None else None
+        yield GaugeMetricFamily("zimage_queue_depth", "Jobs waiting behind the running one.",
+                                value=worker.depth if worker is not None else 0)
+        yield GaugeMetricFamily("zimage_queue_running", "1 while a job is running.",
+                                value=int(running is not None and not running.done))
+        ready = bool(engine is not None and engine.ready and not self.unhealthy())
+        yield GaugeMetricFamily("zimage_ready", "1 when /readyz answers 200.", value=int(ready))
+        yield GaugeMetricFamily("zimage_model_load_seconds", "Seconds the model took to load.",
+                                value=getattr(engine, "load_seconds", 0.0))
+        yield GaugeMetricFamily("zimage_warmup_seconds", "Seconds the warm-up took.",
+                                value=getattr(engine, "warmup_seconds", 0.0))
+        runners = getattr(engine, "runners", {}) or {}
+        yield CounterMetricFamily("zimage_oom_recovered", "Jobs that ran out of memory once and finished with "
+                                  "the tiled retry.", value=sum(r.ooms_recovered for r in runners.values()))
+        cache = getattr(engine, "prompt_cache", None)
+        if cache is not None:
+            family = CounterMetricFamily("zimage_prompt_cache", "Prompt-embedding cache lookups.",
+                                         labels=["result"])
+            family.add_metric(["hit"], cache.hits)
+            family.add_metric(["miss"], cache.misses)
+            yield family
+        vram = GaugeMetricFamily("zimage_vram_bytes", "Device memory by segment (the memory probe's snapshot).",
+                                 labels=["segment"])
+        snapshot = _snapshot(engine)
+        for segment in VRAM_SEGMENTS:
+            value = snapshot.get(f"{segment}_bytes")
+            if isinstance(value, int):
+                vram.add_metric([segment], value)
+        yield vram
+        if isinstance(snapshot.get("peak_working_bytes"), int):
+            yield GaugeMetricFamily("zimage_vram_peak_working_bytes", "Peak working memory of the last job.",
+                                    value=snapshot["peak_working_bytes"])
+
+
+def _snapshot(engine: Any) -> dict[str, Any]:
+    if engine is None or getattr(engine, "probe", None) is None:
+        return {}
+    try:
+        return engine.memory_snapshot().to_dict()
+    except Exception:  # a scrape must never fail because the probe hiccupped
+        log.debug("memory snapshot failed", exc_info=True)
+        return {}
+
+
+class ServiceMetrics:
+    """The service's registry and the counters fed by the engine's hooks."""
+
+    def __init__(self, engine: Any, *, unhealthy: Callable[[], bool] = lambda: False):
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("zimage_jobs", "Jobs by outcome.", ["outcome"], registry=self.registry)
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome)  # every outcome shows from the first scrape, at 0
+        self.rejections = Counter("zimage_rejections", "Refused requests by reason.", ["reason"],
+                                  registry=self.registry)
+        self.generation_seconds = Histogram("zimage_generation_seconds", "Seconds per finished job (encode, "
+                                            "denoise, decode).", ["preset"], buckets=GENERATION_BUCKETS,
+                                            registry=self.registry)
+        self.step_seconds = Histogram("zimage_step_seconds", "Seconds per denoising step.", ["preset"],
+                                      buckets=STEP_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine, unhealthy))
+
+    def attach(self, engine: Any) -> None:
+        """Count every job the engine ends or refuses, whichever door sent it."""
+        engine.add_end_hook(self.on_job_end)
+        engine.add_reject_hook(self.on_reject)
+
+    def on_job_end(self, job: Job) -> None:
+        self.jobs.labels(job_outcome(job)).inc()
+        result = job.result
+        if job.state == JobState.DONE and result is not None:
+            preset = result.request.preset
+            self.generation_seconds.labels(preset).observe(result.timings.get("total_s", 0.0))
+            self.step_seconds.labels(preset).observe(result.timings.get("per_step_s", 0.0))
+
+    def on_reject(self, error: EngineError) -> None:
+        self.count_rejection(rejection_reason(error))
+
+    def count_rejection(self, reason: str) -> None:
+        """A refusal the engine never saw (rate limit, shutting down)."""
+        self.jobs.labels("rejected").inc()
+        self.rejections.labels(reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,244 @@
+"""Running the service: engine in the background, uvicorn in front, SIGTERM handling and the watchdog.
+
+``serve(settings)`` is ``zimage-ui serve``. It answers /healthz at once and /readyz 503 (loading, warming) until
+the model is ready. Exit codes, for supervisor:
+
+* 0 — stopped by SIGTERM/SIGINT (the running job finished or was cancelled within ``grace_seconds``);
+* 1 — the model failed to load or warm up;
+* 70 — unhealthy: a sticky CUDA error, a step hung longer than ``watchdog_seconds``, or the worker died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+from ..engine.jobs import Job, JobState
+from ..settings import Settings
+from .app import ServiceState, create_app
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_UNHEALTHY = 70  # EX_SOFTWARE
+FATAL_LINGER_S = 2.0  # /readyz shows the reason this long before the process exits
+WATCH_INTERVAL_S = 0.5
+
+# Errors after which the CUDA context is unusable until the process ends (every later call fails too).
+STICKY_CUDA_ERROR = re.compile(
+    r"illegal memory access|device-side assert|unspecified launch failure|illegal instruction|misaligned address|"
+    r"CUDA error: (?:an )?illegal|CUBLAS_STATUS_EXECUTION_FAILED|CUDNN_STATUS_EXECUTION_FAILED|uncorrectable ECC|"
+    r"CUDA error: launch timed out|device not ready|GPU is lost|fell off the bus", re.IGNORECASE)
+
+
+def is_sticky_cuda_error(message: str) -> bool:
+    """Whether an error message says the GPU context is broken for good (restart needed).
+
+    >>> is_sticky_cuda_error("RuntimeError: CUDA error: an illegal memory access was encountered")
+    True
+    >>> is_sticky_cuda_error("CUDA out of memory. Tried to allocate 2.00 GiB")
+    False
+    """
+    return bool(STICKY_CUDA_ERROR.search(message))
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, with our signal handling: uvicorn re-raises SIGTERM after its shutdown, which would end the
+    process with -15 instead of exit 0 after a clean drain."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if not self.service.install_signal_handlers or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.service.request_stop(signal.Signals(signum).name)
+
+
+class Service:
+    """One server: engine, app, uvicorn, watchdog. ``run()`` blocks until it stops and returns the exit code.
+
+    Tests run it on a thread (``install_signal_handlers=False``, ``hard_exit=False``) and stop it with
+    ``request_stop()``; ``serve()`` runs it on the main thread with signal handlers.
+    """
+
+    def __init__(self, settings: Settings, *, engine: Any = None, install_signal_handlers: bool = True,
+                 hard_exit: bool = True, app_kwargs: dict[str, Any] | None = None):
+        from ..engine.engine import Engine
+
+        self.settings = settings
+        self.engine = engine if engine is not None else Engine(settings)
+        self.install_signal_handlers = install_signal_handlers
+        self.hard_exit = hard_exit
+        self.state = ServiceState()
+        self.app = create_app(settings, self.engine, state=self.state, **(app_kwargs or {}))
+        self.engine.add_end_hook(self._check_job_error)
+        self.exit_code = EXIT_OK
+        self._stop_requested = threading.Event()
+        self._drain_thread: threading.Thread | None = None
+        self._engine_thread: threading.Thread | None = None
+        self._fatal_lock = threading.Lock()
+        grace = settings.grace_seconds
+        config = uvicorn.Config(self.app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                access_log=settings.log_level == "debug", server_header=False,
+                                # in-flight answers get the grace period plus time to be sent
+                                timeout_graceful_shutdown=int(grace) + 5, lifespan="auto")
+        self.server = _Uvicorn(config, self)
+
+    # --- running --------------------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """uvicorn is listening."""
+        return bool(self.server.started)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> int:
+        """Start the engine in the background, serve until stopped, return the exit code."""
+        if self.engine.state.value == "new":
+            self._engine_thread = self.engine.start_in_background()
+        watchdog = threading.Thread(target=self._watch, name="zimage-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            self.server.run(sockets=sockets)
+        finally:
+            self._stop_requested.set()
+            if self._drain_thread is not None:
+                self._drain_thread.join(self.settings.grace_seconds + 35)
+            history = self.app.state.history
+            if history is not None:
+                history.close()
+        if self.state.fatal is None and not self.state.draining and self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_START_FAILED if not self.server.started else EXIT_OK  # e.g. port in use
+        log.info("stopped (exit %d)", self.exit_code)
+        return self.exit_code
+
+    @property
+    def engine_still_starting(self) -> bool:
+        return self._engine_thread is not None and self._engine_thread.is_alive()
+
+    # --- stopping -------------------------------------------------------------------------------------------
+    def request_stop(self, why: str = "stop requested") -> None:
+        """Graceful stop (SIGTERM): refuse new work, let the running job finish within ``grace_seconds`` or
+        cancel it, answer every waiting request, then exit 0. A second request forces the exit."""
+        if self.state.draining:
+            log.warning("%s again: stopping now", why)
+            self.server.force_exit = True
+            self.server.should_exit = True
+            return
+        log.info("%s: draining (grace %.0f s)", why, self.settings.grace_seconds)
+        self.state.draining = True
+        # stop listening now; uvicorn waits for in-flight answers while the engine drains
+        self.server.should_exit = True
+        self._drain_thread = threading.Thread(target=self._drain, name="zimage-drain", daemon=True)
+        self._drain_thread.start()
+
+    def _drain(self) -> None:
+        try:
+            self.engine.shutdown(grace_s=self.settings.grace_seconds)
+        except Exception:
+            log.exception("engine shutdown failed")
+
+    def fail(self, reason: str, code: int = EXIT_UNHEALTHY) -> None:
+        """Unrecoverable: /readyz turns 503 with ``reason``, waiting clients get an error, the process exits
+        with ``code`` so supervisor starts a fresh one."""
+        with self._fatal_lock:
+            if self.state.fatal is not None or self.state.draining:
+                return
+            self.state.fatal = reason
+            self.exit_code = code
+        log.critical("unhealthy, exiting with %d so the supervisor restarts the server: %s", code, reason)
+        threading.Thread(target=self._fatal_exit, name="zimage-fatal-exit", daemon=True).start()
+
+    def _fatal_exit(self) -> None:
+        time.sleep(FATAL_LINGER_S)
+        worker = getattr(self.engine, "worker", None)
+        if worker is not None:
+            # give queued jobs an explicit end; don't wait on a GPU that may never answer again
+            threading.Thread(target=worker.stop, args=(0.0,), daemon=True).start()
+        self.server.config.timeout_graceful_shutdown = 3
+        self.server.should_exit = True
+        if self.hard_exit:
+            # a thread stuck in a CUDA call can keep the interpreter from exiting; supervisor needs us gone
+            timer = threading.Timer(15.0, self._exit_now)
+            timer.daemon = True
+            timer.start()
+
+    def _exit_now(self) -> None:
+        log.critical("still alive 15 s after a fatal error; exiting hard")
+        logging.shutdown()
+        os._exit(self.exit_code)
+
+    # --- watching -------------------------------------------------------------------------------------------
+    def _check_job_error(self, job: Job) -> None:
+        if job.state == JobState.FAILED and job.error is not None and is_sticky_cuda_error(str(job.error)):
+            self.fail(f"sticky CUDA error in {job.id}: {str(job.error)[:300]}")
+
+    def _watch(self) -> None:
+        limit = self.settings.watchdog_seconds
+        while not self._stop_requested.wait(WATCH_INTERVAL_S):
+            if self.state.draining or self.state.fatal is not None:
+                continue
+            engine = self.engine
+            state = engine.state.value
+            if state == "failed":
+                self.fail(f"the model failed to start: {engine.reason}", EXIT_START_FAILED)
+            elif state == "ready" and not engine.ready:
+                self.fail("the GPU worker thread died")
+            elif state == "ready" and limit > 0:
+                worker = engine.worker
+                running = worker.running
+                if running is not None and not running.done:
+                    idle = time.monotonic() - worker.last_heartbeat
+                    if idle > limit:
+                        self.fail(f"{running.id} made no progress for {idle:.0f} s (step {running.step}/"
+                                  f"{running.total_steps}; watchdog {limit:g} s)")
+
+
+def _warn_about_exposure(settings: Settings, users: dict[str, str]) -> None:
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not users:
+        log.warning("serving %s without --auth: anyone who can reach this address can use the GPU", settings.host)
+
+
+def serve(settings: Settings) -> int:
+    """``zimage-ui serve``: run until SIGTERM/SIGINT (exit 0) or an unrecoverable error (non-zero)."""
+    from ..models.sources import resolve_model
+    from .security import load_users
+
+    # a wrong --model or auth file fails here, in one line, before anything starts
+    resolve_model(settings.model, model_dir=settings.model_dir)
+    _warn_about_exposure(settings, load_users(settings))
+    from ..engine.engine import Engine
+
+    engine = Engine(settings)
+    engine_thread = engine.start_in_background()  # weights load while the web UI is being built
+    service = Service(settings, engine=engine)
+    service._engine_thread = engine_thread
+    log.info("serving on http://%s:%d (readiness at /readyz, API docs at /docs)",
+             settings.host if ":" not in settings.host else f"[{settings.host}]", settings.port)
+    code = service.run()
+    if service.engine_still_starting or service.state.fatal is not None:
+        # a thread still loading weights or stuck on the GPU must not hold the exit
+        logging.shutdown()
+        os._exit(code)
+    return code
