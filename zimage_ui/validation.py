@@ -237,7 +237,8 @@ def validate(
     name = preset.name
     steps = int(f.clamp("steps", preset.steps if steps is None else steps, *preset.steps_range,
                         f"{name} allows {preset.steps_range[0]}–{preset.steps_range[1]}"))
-    guidance = float(preset.guidance if guidance is None else guidance)
+    # clamp before float(): a huge JSON integer (10**400) is a number to clamp, not an OverflowError
+    guidance = preset.guidance if guidance is None else guidance
     guidance = float(f.clamp("guidance", guidance, *preset.guidance_range,
                              f"{name} allows {preset.guidance_range[0]:g}–{preset.guidance_range[1]:g}"))
     sides = {}
