@@ -1,0 +1,88 @@
+"""`zimage-ui serve` as a process: SIGTERM drains and exits 0, history survives a restart, wrong model = exit 2."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import httpx
+from PIL import Image
+
+from .helpers import free_port, serve_subprocess, stop_subprocess, wait_ready, wait_until
+
+LONG = {"prompt": "a long job", "width": 512, "height": 512, "steps": 8}
+
+
+def _post_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["r"] = httpx.post(f"{url}/api/v1/generate", json=body, timeout=120)
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _wait_running(url: str) -> None:
+    wait_until(lambda: httpx.get(f"{url}/api/v1/info", timeout=5).json()["queue"]["running"], 60, 0.02,
+               "a running job")
+
+
+def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
+    port = free_port()
+    proc, url, log = serve_subprocess(tmp_path, "--no-warmup", port=port)
+    try:
+        wait_ready(url, proc=proc)
+        first = httpx.post(f"{url}/api/v1/generate", json={"prompt": "keep me", "seed": 42, "width": 256,
+                                                           "height": 256, "steps": 2}, timeout=60)
+        assert first.status_code == 200
+        # SIGTERM while a job runs: it finishes within the grace period and is answered, then exit 0
+        t, out = _post_in_background(url, LONG)
+        _wait_running(url)
+        assert stop_subprocess(proc) == 0
+        t.join(60)
+        assert out["r"].status_code == 200 and out["r"].headers["content-type"] == "image/png"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "draining" in log.read_text()
+
+    # restart on the same output folder, with no grace: history is all there; a running job is cancelled
+    proc, url, log = serve_subprocess(tmp_path, "--grace-seconds", "0", "--no-warmup", port=port)
+    try:
+        wait_ready(url, proc=proc)
+        items = httpx.get(f"{url}/api/v1/history", timeout=10).json()["items"]
+        assert [(i["prompt"], i["outcome"]) for i in items] == [("a long job", "ok"), ("keep me", "ok")]
+        kept = items[1]
+        assert kept["seed"] == 42 and kept["outcome"] == "ok"
+        image = httpx.get(f"{url}{kept['images'][0]['url']}", timeout=10)
+        assert image.content == first.content
+        with Image.open(io.BytesIO(image.content)) as im:
+            assert "Seed: 42" in im.text["parameters"]
+        t, out = _post_in_background(url, LONG)
+        _wait_running(url)
+        assert stop_subprocess(proc) == 0
+        t.join(60)
+        assert out["r"].status_code == 503 and "shutting down" in out["r"].json()["message"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # the cancelled job has its row too
+    with sqlite3.connect(tmp_path / "out" / "history.sqlite3") as conn:
+        rows = conn.execute("SELECT prompt, outcome FROM generations ORDER BY id").fetchall()
+    assert rows == [("keep me", "ok"), ("a long job", "ok"), ("a long job", "cancelled")]
+
+
+def test_a_wrong_model_is_one_line_and_exit_2(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "zimage_ui.cli", "serve", "--model", str(tmp_path / "nope"),
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("zimage-ui: error:") and "Traceback" not in run.stderr
