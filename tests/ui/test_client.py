@@ -107,3 +107,11 @@ def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine)
     finally:
         tab_a.close()
         tab_b.close()
+
+
+def test_the_queue_cannot_be_bypassed(page_url):
+    import httpx
+
+    for route in ("gradio_api/run/generate", "gradio_api/api/generate"):
+        response = httpx.post(page_url + route, json={"data": list(FAST)}, timeout=10)
+        assert response.status_code == 404 and "join the queue" in response.text
