@@ -143,3 +143,29 @@ def test_kiosk_hides_advanced_controls_and_links_out(browser, demo_engine, open_
         page.fill("#prompt textarea", "kiosk")
         page.click("#generate-btn")
         page.wait_for_selector("#gallery img", timeout=60_000)
+
+
+def test_a_tab_opened_while_the_model_loads_comes_alive_when_it_is_ready(browser, ui_env, tmp_path):
+    """The service starts the engine in the background; a kiosk's browser opens the page before it is ready."""
+    from zimage_ui.engine.engine import Engine
+    from zimage_ui.settings import Settings
+
+    settings = Settings(model="demo", save_images=False, output_dir=tmp_path, vram_poll_seconds=0.5)
+    engine = Engine(settings)
+    try:
+        with serve_page(engine, settings) as url:
+            context = browser.new_context(locale="en-US")
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_selector("#status:has-text('Not ready yet')", timeout=30_000)
+            assert page.locator("#generate-btn").is_disabled()
+            engine.start_in_background()
+            page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=60_000)
+            page.wait_for_selector("#status:has-text('Ready.')", timeout=10_000)
+            assert "Demo model" in page.inner_text("#zi-banner")
+            assert "demo model" in page.inner_text("#zi-model")
+            assert page.inner_text("#size-readout").strip() == "512 × 512 px"  # the demo model's default size
+            assert set(dict(page.evaluate(SEGMENTS_JS))) >= {"weights", "working", "free"}
+            context.close()
+    finally:
+        engine.shutdown(0)

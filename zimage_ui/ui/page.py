@@ -259,9 +259,12 @@ class Page:
         out: dict[Any, Any] = {w.vram: bar, w.generate: gr.update(interactive=enabled),
                                w.gpu: render_gpu_panel(self.gpu_history, lang)}
         if self.engine.ready and not values.get(w.ready_seen):
+            # the tab opened while the model was loading: fill in what depends on it and say it is ready
             merge_updates(out, self.model_updates(lang, fill_size=True))
+            out[w.status] = self.idle_status(lang)
         elif not self.engine.ready:
             out[w.title] = self.title_html(lang)
+            out[w.status] = self.idle_status(lang)
         return out
 
     def on_load(self, values: dict[Any, Any], request: gr.Request) -> dict[Any, Any]:
@@ -650,7 +653,7 @@ class Page:
         demo.load(self.on_load, params, everything, **quick)
 
         tick_out = [w.vram, w.generate, w.gpu, w.title, w.banner, w.size_class, w.aspect, w.width, w.height,
-                    w.size_readout, w.ready_seen]
+                    w.size_readout, w.ready_seen, w.status]
         timer = gr.Timer(self.settings.vram_poll_seconds)
         timer.tick(self.on_tick, params | {w.ready_seen}, tick_out, **quick)
 
