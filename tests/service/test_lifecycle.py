@@ -11,7 +11,16 @@ import threading
 import httpx
 from PIL import Image
 
-from .helpers import free_port, serve_subprocess, stop_subprocess, wait_ready, wait_until
+from .helpers import (
+    Gate,
+    LiveServer,
+    demo_settings,
+    free_port,
+    serve_subprocess,
+    stop_subprocess,
+    wait_ready,
+    wait_until,
+)
 
 LONG = {"prompt": "a long job", "width": 512, "height": 512, "steps": 8}
 
@@ -25,7 +34,7 @@ def _post_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
         except httpx.HTTPError as exc:
             out["error"] = exc
 
-    t = threading.Thread(target=run)
+    t = threading.Thread(target=run, daemon=True)  # a failed test must not hold pytest's exit
     t.start()
     return t, out
 
@@ -86,3 +95,27 @@ def test_a_wrong_model_is_one_line_and_exit_2(tmp_path):
                           "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.startswith("zimage-ui: error:") and "Traceback" not in run.stderr
+
+
+def test_drain_refuses_new_work_and_answers_the_running_job(tmp_path):
+    """In-process, with the running job held: what clients see between SIGTERM and the exit."""
+    live = LiveServer(demo_settings(tmp_path, warmup=False, grace_seconds=60))
+    gate = Gate()
+    live.engine.runners["turbo"].fault_hook = gate
+    small = {"width": 256, "height": 256, "steps": 2}
+    held = _post_in_background(live.url, {"prompt": "held", **small})
+    assert gate.entered.wait(30)
+    queued = _post_in_background(live.url, {"prompt": "queued", **small})
+    wait_until(lambda: live.engine.worker.depth == 1, 30, what="second job queued")
+    live.service.request_stop("SIGTERM")
+    queued[0].join(30)
+    assert queued[1]["r"].status_code == 503 and "shutting down" in queued[1]["r"].json()["message"]
+    ready = httpx.get(f"{live.url}/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.json()["status"] == "stopping"
+    refused = httpx.post(f"{live.url}/api/v1/generate", json={"prompt": "late"}, timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"] == "stopping" and refused.headers["retry-after"]
+    gate.release.set()
+    held[0].join(30)
+    assert held[1]["r"].status_code == 200 and held[1]["r"].headers["content-type"] == "image/png"
+    live.thread.join(30)
+    assert live.exit_code == 0

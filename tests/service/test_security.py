@@ -111,7 +111,7 @@ def test_classroom_rate_limit_and_one_job_per_address(server, teacher):
             first["r"] = c.post("/api/v1/generate", json={"prompt": "held", **SMALL})
 
     try:
-        t = threading.Thread(target=hold)
+        t = threading.Thread(target=hold, daemon=True)
         t.start()
         assert gate.entered.wait(30)
         busy = teacher.post("/api/v1/generate", json={"prompt": "second", **SMALL})

@@ -54,7 +54,7 @@ def test_hung_step_fails_readiness_and_exits_nonzero(tmp_path):
         with live.client() as c:
             answer["r"] = c.post("/api/v1/generate", json={"prompt": "x", **SMALL})
 
-    t = threading.Thread(target=waiting_client)
+    t = threading.Thread(target=waiting_client, daemon=True)
     t.start()
     try:
         seen = _readyz_until_down(live.url)

@@ -358,6 +358,8 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
 
     async def _answer(request: Request, job: Job) -> Response:
         if job.state == JobState.CANCELLED:
+            if state.fatal is not None:
+                return _error(503, "unhealthy", f"the server is unhealthy and restarting: {state.fatal}")
             why = "the server is shutting down" if state.draining else "the job was cancelled"
             return _error(503, "cancelled", f"{why}; nothing was made", retry_after=NOT_READY_RETRY_S)
         if job.state == JobState.FAILED:

@@ -10,6 +10,7 @@ the model is ready. Exit codes, for supervisor:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,6 +34,9 @@ EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_UNHEALTHY = 70  # EX_SOFTWARE
 FATAL_LINGER_S = 2.0  # /readyz shows the reason this long before the process exits
+# After the drain every job is answered; this is for those answers to go out. Streams that never end (an open
+# browser tab's event stream) are cut after it instead of holding the exit for the whole grace period.
+SEND_ANSWERS_S = 5
 WATCH_INTERVAL_S = 0.5
 
 # Errors after which the CUDA context is unusable until the process ends (every later call fails too).
@@ -51,6 +55,20 @@ def is_sticky_cuda_error(message: str) -> bool:
     False
     """
     return bool(STICKY_CUDA_ERROR.search(message))
+
+
+class _QuietCancelledStreams(logging.Filter):
+    """At shutdown uvicorn cancels streams that never end (a browser tab's event stream) and logs each as an
+    'Exception in ASGI application' traceback; while stopping, that is expected, not an error."""
+
+    def __init__(self, state: ServiceState):
+        super().__init__()
+        self.state = state
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        stopping = self.state.draining or self.state.fatal is not None
+        return not (stopping and isinstance(exc, asyncio.CancelledError))
 
 
 class _Uvicorn(uvicorn.Server):
@@ -84,8 +102,9 @@ class Service:
     ``request_stop()``; ``serve()`` runs it on the main thread with signal handlers.
     """
 
-    def __init__(self, settings: Settings, *, engine: Any = None, install_signal_handlers: bool = True,
-                 hard_exit: bool = True, app_kwargs: dict[str, Any] | None = None):
+    def __init__(self, settings: Settings, *, engine: Any = None, engine_thread: threading.Thread | None = None,
+                 install_signal_handlers: bool = True, hard_exit: bool = True,
+                 app_kwargs: dict[str, Any] | None = None):
         from ..engine.engine import Engine
 
         self.settings = settings
@@ -98,14 +117,15 @@ class Service:
         self.exit_code = EXIT_OK
         self._stop_requested = threading.Event()
         self._drain_thread: threading.Thread | None = None
-        self._engine_thread: threading.Thread | None = None
+        self._engine_thread = engine_thread  # set when the caller started the engine already
         self._fatal_lock = threading.Lock()
         grace = settings.grace_seconds
         config = uvicorn.Config(self.app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 access_log=settings.log_level == "debug", server_header=False,
-                                # in-flight answers get the grace period plus time to be sent
-                                timeout_graceful_shutdown=int(grace) + 5, lifespan="auto")
+                                timeout_graceful_shutdown=int(grace) + SEND_ANSWERS_S, lifespan="auto")
         self.server = _Uvicorn(config, self)
+        # after Config: it (re)configures uvicorn's loggers
+        logging.getLogger("uvicorn.error").addFilter(_QuietCancelledStreams(self.state))
 
     # --- running --------------------------------------------------------------------------------------------
     @property
@@ -139,8 +159,9 @@ class Service:
 
     # --- stopping -------------------------------------------------------------------------------------------
     def request_stop(self, why: str = "stop requested") -> None:
-        """Graceful stop (SIGTERM): refuse new work, let the running job finish within ``grace_seconds`` or
-        cancel it, answer every waiting request, then exit 0. A second request forces the exit."""
+        """Graceful stop (SIGTERM): refuse new work (503, /readyz 'stopping'), cancel what waits, let the running
+        job finish within ``grace_seconds`` or cancel it, answer every request, stop listening, exit 0.
+        A second request exits at once."""
         if self.state.draining:
             log.warning("%s again: stopping now", why)
             self.server.force_exit = True
@@ -148,8 +169,6 @@ class Service:
             return
         log.info("%s: draining (grace %.0f s)", why, self.settings.grace_seconds)
         self.state.draining = True
-        # stop listening now; uvicorn waits for in-flight answers while the engine drains
-        self.server.should_exit = True
         self._drain_thread = threading.Thread(target=self._drain, name="zimage-drain", daemon=True)
         self._drain_thread.start()
 
@@ -158,6 +177,9 @@ class Service:
             self.engine.shutdown(grace_s=self.settings.grace_seconds)
         except Exception:
             log.exception("engine shutdown failed")
+        # every job has ended and its waiter is answering; now close the door
+        self.server.config.timeout_graceful_shutdown = SEND_ANSWERS_S
+        self.server.should_exit = True
 
     def fail(self, reason: str, code: int = EXIT_UNHEALTHY) -> None:
         """Unrecoverable: /readyz turns 503 with ``reason``, waiting clients get an error, the process exits
@@ -232,8 +254,7 @@ def serve(settings: Settings) -> int:
 
     engine = Engine(settings)
     engine_thread = engine.start_in_background()  # weights load while the web UI is being built
-    service = Service(settings, engine=engine)
-    service._engine_thread = engine_thread
+    service = Service(settings, engine=engine, engine_thread=engine_thread)
     log.info("serving on http://%s:%d (readiness at /readyz, API docs at /docs)",
              settings.host if ":" not in settings.host else f"[{settings.host}]", settings.port)
     code = service.run()
