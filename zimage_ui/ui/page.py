@@ -710,10 +710,13 @@ def build_page(engine: Any, settings: Any) -> gr.Blocks:
 
 def mount_page(app: Any, engine: Any, settings: Any, path: str = "/") -> None:
     """Serve the page on a FastAPI app: our CSS, no links out of a kiosk, outputs readable by the gallery."""
+    from ..service.security import gradio_auth
+
     demo = build_page(engine, settings)
     kiosk = bool(getattr(settings, "kiosk", False))
     gr.mount_gradio_app(
         app, demo, path=path,
+        auth=gradio_auth(settings),  # the same users as the REST API, through Gradio's own login page
         css_paths=[CSS_FILE],
         footer_links=[] if kiosk else ["api", "settings"],
         run_history=False if kiosk else None,
