@@ -40,6 +40,34 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run one generation before declaring ready, so the first user "
                                            "request is as fast as the rest.")
 
+    # Speed (zimage_ui/engine/acceleration.py, docs/benchmarks.md)
+    compile: bool = Field(True, description="On CUDA, compile the transformer's repeated blocks with torch.compile "
+                                            "during warm-up (the first start takes about a minute longer; kernels "
+                                            "are cached under cache_dir and re-used by a restart). Only with the "
+                                            "resident and text-encoder-offload placements.")
+    compile_vae: bool = Field(False, description="Also compile the VAE decoder (with compile on): a faster decode, "
+                                                 "but minutes more on the first start and ~20 s more on every "
+                                                 "restart (docs/benchmarks.md).")
+    attention: str = Field("auto", description="Attention backend: auto (time every backend this GPU and torch "
+                                               "can run at start-up and use the fastest, with a mask-capable one "
+                                               "for CFG), or a diffusers backend name: native, _native_cudnn, "
+                                               "_native_flash, _native_efficient, flash, _flash_3, ...")
+    fp8: bool = Field(False, description="fp8 mode: the transformer's linear layers run in float8 (torchao) on "
+                                         "GPUs of compute capability >= 8.9 (Ada, Hopper); refused with the "
+                                         "reason elsewhere. Faster; images differ slightly from bf16.")
+    placement: str = Field("auto", description="Where the weights live: auto (the planner's choice for the VRAM "
+                                               "budget), resident, text-encoder-offload, fp8-storage, "
+                                               "model-offload or sequential-offload.")
+    prompt_cache_size: int = Field(16, ge=0, le=10_000, description="Prompt embeddings kept (LRU): the same "
+                                                                    "prompt with a new seed skips the text "
+                                                                    "encoder (0 = off).")
+    idle_unload_minutes: float = Field(0.0, ge=0, description="Release the GPU after this many idle minutes "
+                                                              "(weights move to CPU RAM) and reload on the next "
+                                                              "request (0 = never).")
+    cache_dir: Path | None = Field(None, description="Where zimage-ui keeps what it learns about this machine: "
+                                                     "compiled kernels and the memory estimator's calibration "
+                                                     "(default: ~/.cache/zimage-ui).")
+
     # Queue
     max_queue: int = Field(16, ge=1, le=1000, description="Jobs that may wait behind the running one; more get "
                                                           "'queue full' (HTTP 503 with Retry-After).")

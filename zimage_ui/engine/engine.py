@@ -26,7 +26,7 @@ from ..presets import PresetBook, load_presets
 from ..settings import Settings
 from ..validation import GenerationRequest, RunRequest, Validated, validate
 from .eta import StepTimer
-from .jobs import EngineError, Job, JobResult, JobStatus, MemoryRefused, NotReady
+from .jobs import EngineError, Job, JobFailed, JobResult, JobStatus, MemoryRefused, NotReady
 from .runner import PipelineRunner, PromptCache
 from .worker import SerialWorker
 
@@ -47,9 +47,13 @@ class EngineState(enum.StrEnum):
 class Engine:
     """Loads once, then runs every door's requests through one queue."""
 
-    def __init__(self, settings: Settings, *, book: PresetBook | None = None):
+    def __init__(self, settings: Settings, *, book: PresetBook | None = None,
+                 loader: Callable[[Settings, Any], Any] | None = None):
+        """``loader(settings, device)`` replaces model resolution and loading (the benchmark's synthetic model);
+        it returns a ``LoadedModel``."""
         self.settings = settings
         self._file_book = book
+        self._loader = loader
         self.book: PresetBook | None = None
         self.state = EngineState.NEW
         self.reason = "not started"
@@ -57,13 +61,27 @@ class Engine:
         self.base_model: Any = None
         self.banner: str | None = None
         self.timer = StepTimer()
-        self.prompt_cache = PromptCache()
+        self.prompt_cache = PromptCache(settings.prompt_cache_size)
         self.runners: dict[str, PipelineRunner] = {}
         self.worker: SerialWorker | None = None
         self.probe: Any = None  # memory.probe.MemoryProbe
         self.estimator: Any = None  # memory.estimator.WorkingMemoryEstimator
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
+        self.ready_seconds = 0.0  # start() to ready
+        self.stage_seconds: dict[str, float] = {}
+        self.plan: Any = None  # memory.planner.PlanResult when the planner chose the placement
+        self.placement: Any = None  # engine.placement.AppliedPlacement
+        self.acceleration: Any = None  # engine.acceleration.AccelerationReport
+        self.warmup_runs: list[dict[str, Any]] = []
+        self.estimator_path: Path | None = None
+        # idle unload (settings.idle_unload_minutes); only the worker thread changes these
+        self.unloaded = False
+        self.unloads = 0
+        self.reloads = 0
+        self.last_reload_seconds: float | None = None
+        self._unloaded_weights_bytes = 0
+        self._last_active = time.monotonic()
         self._result_hooks: list[Callable[[Job, JobResult], None]] = []
         self._end_hooks: list[Callable[[Job], None]] = []
         self._reject_hooks: list[Callable[[EngineError], None]] = []
@@ -71,43 +89,132 @@ class Engine:
 
     # --- start-up -----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Load the model(s), warm up, start the worker. Raises on failure (state FAILED, reason set)."""
-        from ..models.loading import load_model
+        """Load the model(s), place them on the device, accelerate, warm up, start the worker.
+
+        Raises on failure (state FAILED, reason set).
+        """
+        from ..models.loading import load_model, pick_device, pick_dtype
         from ..models.sources import resolve_model
+        from . import placement as placing
+        from .acceleration import accelerate
 
         try:
+            t_start = time.perf_counter()
             self.state, self.reason = EngineState.LOADING, "loading the model"
             book = self._file_book or load_presets(self.settings.presets_file, max_side=self.settings.max_side)
+            device = pick_device(self.settings.device)
             t0 = time.perf_counter()
-            resolution = resolve_model(self.settings.model, model_dir=self.settings.model_dir)
-            self.banner = resolution.banner
-            self.model = load_model(resolution.source, device=self.settings.device, dtype=self.settings.dtype)
+            if self._loader is not None:
+                name = self._choose_placement(device, book, demo=False)
+                self.model = self._loader(self.settings, device)
+            else:
+                resolution = resolve_model(self.settings.model, model_dir=self.settings.model_dir)
+                self.banner = resolution.banner
+                name = self._choose_placement(device, book, demo=resolution.source.is_demo)
+                # A placement that keeps weights off the GPU loads to CPU RAM first, so loading never needs the
+                # whole model's VRAM.
+                load_device: Any = device if name == "resident" else "cpu"
+                dtype = self.settings.dtype if name == "resident" else pick_dtype(device, self.settings.dtype)
+                self.model = load_model(resolution.source, device=load_device, dtype=dtype)
             if self.settings.base_model:
                 base = resolve_model(self.settings.base_model, model_dir=None).source
                 self.base_model = load_model(base, device=self.model.device, dtype=self.model.dtype,
                                              share_from=self.model)
             self.load_seconds = time.perf_counter() - t0
+            self.stage_seconds = {"load_s": self.model.load_seconds, "to_device_s": self.model.to_device_seconds}
+
+            t0 = time.perf_counter()
+            self.placement = placing.apply_placement(self.model.pipe, name, device)
+            if self.base_model is not None:
+                placing.apply_placement(self.base_model.pipe, name, device, components=("transformer",))
+            for loaded in (self.model, self.base_model):
+                if loaded is not None:
+                    loaded.device = device
+            budget = self._budget_bytes()
+            self.placement.budget_bytes = budget
+            self.placement.budget_fraction = placing.set_vram_budget(device, budget)
+            self.stage_seconds["placement_s"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            preset = book.presets[book.default]
+            common = dict(compile=self.settings.compile, fp8=self.settings.fp8, cache_dir=self._cache_dir(),
+                          compile_allowed=self.placement.compile_allowed)
+            self.acceleration = accelerate(self.model.pipe, device, attention=self.settings.attention,
+                                           compile_vae=self.settings.compile_vae, width=preset.width,
+                                           height=preset.height, **common)
+            if self.base_model is not None:
+                accelerate(self.base_model.pipe, device, choice=self.acceleration.attention, compile_vae=False,
+                           **common)
+            self.stage_seconds["accelerate_s"] = time.perf_counter() - t0
+
             self.book = self._book_for_model(book)
             self._build_probe()
             for key, loaded in (("turbo", self.model), ("base", self.base_model)):
                 if loaded is not None:
                     self.runners[key] = PipelineRunner(loaded.pipe, loaded.device, model_key=loaded.model_id,
                                                        prompt_cache=self.prompt_cache, on_sample=self._sample)
+            self.worker = SerialWorker(self._execute, max_queue=self.settings.max_queue,
+                                       jobs_per_client=self.settings.jobs_per_client, timer=self.timer,
+                                       on_idle=self._on_idle if self.settings.idle_unload_minutes > 0 else None)
+            self.worker.start()
             if self.settings.warmup:
                 self.state, self.reason = EngineState.WARMING, "warming up"
-                self._warm_up()
+                # on the worker's own thread: CUDA libraries keep per-thread state (handles, workspaces), and
+                # the first job ran ~20% slower when warm-up had run on this one (docs/benchmarks.md)
+                self.worker.call(self._warm_up).result()
+            self.stage_seconds["warmup_s"] = self.warmup_seconds
             if self.probe is not None:
                 self.probe.mark_baseline()
-            self.worker = SerialWorker(self._execute, max_queue=self.settings.max_queue,
-                                       jobs_per_client=self.settings.jobs_per_client, timer=self.timer)
-            self.worker.start()
+            self._last_active = time.monotonic()
+            self.ready_seconds = time.perf_counter() - t_start
+            self.stage_seconds["ready_s"] = self.ready_seconds
             self.state, self.reason = EngineState.READY, "ready"
-            log.info("ready: %s on %s (%s), loaded in %.1f s, warm-up %.1f s", self.model.label,
-                     self.model.device, str(self.model.dtype).replace("torch.", ""), self.load_seconds,
-                     self.warmup_seconds)
+            log.info("ready in %.1f s: %s on %s (%s, %s), loaded in %.1f s, warm-up %.1f s; attention %s%s",
+                     self.ready_seconds, self.model.label, self.model.device,
+                     str(self.model.dtype).replace("torch.", ""), self.placement.name, self.load_seconds,
+                     self.warmup_seconds, self.acceleration.attention.summary(),
+                     ", compiled" if self.acceleration.compiled else "")
         except BaseException as exc:
             self.state, self.reason = EngineState.FAILED, str(exc)
+            if self.worker is not None:
+                self.worker.stop(0)
             raise
+
+    def _cache_dir(self) -> Path:
+        from .acceleration import default_cache_dir
+
+        return Path(self.settings.cache_dir) if self.settings.cache_dir else default_cache_dir()
+
+    def _budget_bytes(self) -> int | None:
+        return int(self.settings.vram_budget_gb * 2**30) if self.settings.vram_budget_gb else None
+
+    def _choose_placement(self, device: Any, book: PresetBook, *, demo: bool) -> str:
+        """The placement setting, or (``auto``) the planner's choice for this device and VRAM budget."""
+        from .placement import normalize_placement
+
+        setting = normalize_placement(self.settings.placement)
+        if device.type != "cuda" or demo:
+            return "resident"  # CPU RAM, or the tiny demo model: nothing to plan
+        if setting != "auto":
+            return setting
+        import torch
+
+        from ..memory.estimator import WorkingMemoryEstimator, WorkShape
+        from ..memory.planner import CUDA_CONTEXT_BYTES, Z_IMAGE_TURBO_BF16, DeviceFacts, plan
+
+        budget = self._budget_bytes()
+        overhead = None
+        if budget is None:  # the whole card: what other processes (an LLM server) already hold counts against us
+            free, total = torch.cuda.mem_get_info(device)
+            overhead = max(int(total - free), CUDA_CONTEXT_BYTES)
+        facts = dataclasses.replace(DeviceFacts.from_torch(device, budget), overhead_bytes=overhead)
+        preset = book.presets[book.default]
+        estimator = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
+        self.plan = plan(facts, estimator, WorkShape(preset.width, preset.height),
+                         margin_bytes=self.settings.memory_margin_bytes)
+        for line in self.plan.lines():
+            log.info("plan: %s", line)
+        return self.plan.chosen.name
 
     def start_in_background(self) -> threading.Thread:
         """Start on a thread (the server answers /readyz 503 meanwhile). Failures end in state FAILED."""
@@ -135,43 +242,181 @@ class Engine:
         from ..memory.probe import make_probe
 
         self.probe = make_probe(self.model.device, self.weights_bytes)
-        self.estimator = WorkingMemoryEstimator.default_for(self.model.device.type, self.weights_bytes())
+        # the prior is chosen by the model's size, wherever its weights are placed
+        self.estimator = WorkingMemoryEstimator.default_for(self.model.device.type, self.model.weights_bytes())
 
     def weights_bytes(self) -> int:
-        total = self.model.weights_bytes() if self.model is not None else 0
+        """Bytes of model weights that live on the engine's device now (streamed or unloaded ones don't count)."""
+        from ..memory.probe import weights_on_device
+
+        if self.model is None:
+            return 0
+        modules = [getattr(self.model.pipe, name, None) for name in ("transformer", "text_encoder", "vae")]
         if self.base_model is not None:
-            total += sum(p.numel() * p.element_size() for p in self.base_model.pipe.transformer.parameters())
-        return total
+            modules.append(self.base_model.pipe.transformer)
+        return weights_on_device(modules, self.model.device)
 
     def _sample(self) -> None:
         if self.probe is not None:
             self.probe.sample()
 
+    # Long enough (> 32 tokens after the chat template) that prompt and negative prompt pad to different lengths, so
+    # the CFG warm-up run takes the transformer's masked attention path.
+    _WARMUP_LONG_PROMPT = " ".join(["a bright red circle beside a small blue square on a white field"] * 4)
+
+    def _warmup_requests(self) -> list[tuple[RunRequest, str]]:
+        """What warm-up runs, each with why: ``kernels`` (always), ``graph`` (a compiled graph of its own) or
+        ``calibration`` (a peak for the memory estimator only).
+
+        CUDA: the default size; one short run per size class the presets offer (1:1); the smallest and largest
+        class at batch 2 and at the largest batch (the corners of what users can ask for, so the estimator
+        interpolates instead of extrapolating); the default size with CFG (masked attention); then one full
+        default-preset run. CPU (the demo model): two small runs, well under 2 s."""
+        preset = self.book.presets[self.book.default]
+        low, high = self.book.limits.side
+
+        def req(width: int, height: int, batch: int = 1, guidance: float = 0.0, steps: int = 1,
+                prompt: str = "warm up", negative: str = "") -> RunRequest:
+            return RunRequest(prompt=prompt, negative_prompt=negative, preset=preset.name, steps=steps,
+                              guidance=guidance, width=width, height=height, seed=0, batch=batch)
+
+        default = (preset.width, preset.height)
+        if self.model.device.type != "cuda":
+            half = (max(low, preset.width // 2 // 16 * 16), max(low, preset.height // 2 // 16 * 16))
+            return [(req(w, h, steps=min(2, preset.steps)), "kernels") for w, h in dict.fromkeys([default, half])]
+        from ..ui.sizes import load_sizes
+
+        table = load_sizes()
+        sides = set()
+        for name in table.classes(demo=self.model.is_demo, max_side=high):
+            w, h = table.sizes[name].get("1:1", next(iter(table.sizes[name].values())))
+            if low <= min(w, h) and max(w, h) <= high:
+                sides.add((w, h))
+        ordered = sorted(sides | {default})
+        small, large = ordered[0], ordered[-1]
+        top = self.book.limits.batch[1]
+        plan = [(req(*default), "kernels")]
+        plan += [(req(w, h), "calibration") for w, h in ordered if (w, h) != default]
+        plan += [(req(*small, batch=2), "graph"), (req(*small, batch=top), "calibration"),
+                 (req(*large, batch=2), "calibration"), (req(*large, batch=top), "calibration"),
+                 (req(*default, guidance=1.0, prompt=self._WARMUP_LONG_PROMPT), "graph")]
+        # last, exactly what most first requests are: the default preset at full steps
+        plan.append((req(*default, steps=preset.steps, guidance=preset.guidance, prompt=self._WARMUP_LONG_PROMPT),
+                     "kernels"))
+        return plan
+
     def _warm_up(self) -> None:
-        """Short runs at the Turbo preset's default size and half of it: kernels load, the step timer learns
-        this machine's speed and the memory estimator is fitted to two measured peaks."""
-        from ..memory.estimator import WorkShape
+        """Run :meth:`_warmup_requests` before ready: kernels load (and compile), the step timer learns this
+        machine's speed, and the memory estimator is fitted to the measured peaks and saved. A calibration saved
+        by an earlier start (same GPU, model, placement, dtype, torch) is loaded instead, and the runs that only
+        served calibration are skipped."""
+        from ..memory.estimator import WorkingMemoryEstimator, WorkShape
 
         t0 = time.perf_counter()
-        preset = self.book.presets[self.book.default]
-        low = self.book.limits.side[0]
-        sides = [(preset.width, preset.height), (max(low, preset.width // 2 // 16 * 16),
-                                                 max(low, preset.height // 2 // 16 * 16))]
+        cuda = self.model.device.type == "cuda"
+        loaded = False
+        if cuda:
+            path = self._estimator_file()
+            try:
+                if path.is_file():
+                    self.estimator = WorkingMemoryEstimator.load(path)
+                    self.estimator_path, loaded = path, True
+            except (OSError, ValueError) as exc:
+                log.info("memory estimator: ignoring %s: %s", path, exc)
+        compiled = bool(self.acceleration and self.acceleration.compiled)
         samples = []
-        for width, height in dict.fromkeys(sides):
-            request = RunRequest(prompt="warm up", negative_prompt="", preset=preset.name,
-                                 steps=min(2, preset.steps), guidance=0.0, width=width, height=height, seed=0, batch=1)
+        self.warmup_runs = []
+        for request, purpose in self._warmup_requests():
+            if (purpose == "calibration" and loaded) or (purpose == "graph" and loaded and not compiled):
+                continue
+            shape = WorkShape(request.width, request.height, request.batch, request.cfg)
+            if cuda and self.admit(request).state == "over":
+                self.warmup_runs.append({"shape": str(shape), "purpose": purpose, "skipped": "predicted not to fit"})
+                continue
             self.probe.reset_peak()
-            output = self.runners["turbo"].run(Job(request))
-            samples.append((WorkShape(width, height, 1, False), self.probe.snapshot().peak_working_bytes))
+            started = time.perf_counter()
+            output = self._warm_run(request)
+            peak = self.probe.snapshot().peak_working_bytes
+            samples.append((shape, peak))
+            self.warmup_runs.append({"shape": str(shape), "purpose": purpose, "peak_working_bytes": peak,
+                                     "seconds": round(time.perf_counter() - started, 3)})
             self.timer.record(request, output.timings["per_step_s"],
                               output.timings["encode_s"] + output.timings["decode_s"])
-        if len(samples) >= 2 and all(peak > 0 for _, peak in samples):
+        if not loaded and len({shape for shape, _ in samples}) >= 2 and all(peak > 0 for _, peak in samples):
             try:
                 self.estimator.calibrate(samples)
-            except ValueError as exc:  # degenerate measurements: keep the prior
-                log.info("memory estimator kept its prior: %s", exc)
+                if cuda:
+                    self.estimator_path = self._estimator_file()
+                    self.estimator.save(self.estimator_path)
+            except (ValueError, OSError) as exc:  # degenerate measurements or an unwritable cache: keep going
+                log.info("memory estimator: %s", exc)
         self.warmup_seconds = time.perf_counter() - t0
+
+    def _warm_run(self, request: RunRequest) -> Any:
+        """One warm-up run; if compilation (or the probed attention backend under it) fails, step back and retry."""
+        from .acceleration import fall_back
+
+        while True:
+            try:
+                return self.runners["turbo"].run(Job(request))
+            except JobFailed:
+                raise  # out of memory even after the tiled retry: not a compilation problem
+            except Exception as exc:
+                if self.acceleration is None or not fall_back(self.model.pipe, self.acceleration, exc):
+                    raise
+
+    def _estimator_file(self) -> Path:
+        """Where this GPU + model + placement + dtype + torch's calibration lives (CUDA only)."""
+        import re
+
+        import torch
+
+        parts = [torch.cuda.get_device_name(self.model.device), self.model.model_id, self.placement.name,
+                 "fp8" if self.acceleration and self.acceleration.fp8 else str(self.model.dtype).split(".")[-1],
+                 "torch" + torch.__version__.split("+")[0]]
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(parts)).strip("-").lower()
+        return self._cache_dir() / "estimator" / f"{slug}.json"
+
+    # --- idle unload ----------------------------------------------------------------------------------------
+    def _on_idle(self) -> None:
+        """The worker's idle hook (its thread): unload after ``idle_unload_minutes`` without a job."""
+        minutes = self.settings.idle_unload_minutes
+        if minutes <= 0 or self.unloaded or self.placement is None:
+            return
+        if time.monotonic() - self._last_active >= minutes * 60:
+            self.unload()
+
+    def unload(self) -> None:
+        """Move the GPU-resident weights to CPU RAM and return the cached memory. Call it on the worker's thread
+        (``engine.worker.call(engine.unload)``); the idle hook does."""
+        from . import placement as placing
+
+        if self.unloaded:
+            return
+        self._unloaded_weights_bytes = self.weights_bytes()
+        for loaded in (self.model, self.base_model):
+            if loaded is not None:
+                placing.unload(loaded.pipe, self.placement)
+        self.prompt_cache.clear()  # cached embeddings live on the GPU too
+        self.unloaded = True
+        self.unloads += 1
+        log.info("idle for %.1f min: weights moved to CPU RAM", self.settings.idle_unload_minutes)
+
+    def reload(self) -> float:
+        """Undo :meth:`unload`; returns (and records) the seconds it took."""
+        from . import placement as placing
+
+        if not self.unloaded:
+            return 0.0
+        seconds = 0.0
+        for loaded in (self.model, self.base_model):
+            if loaded is not None:
+                seconds += placing.reload(loaded.pipe, self.placement)
+        self.unloaded = False
+        self.reloads += 1
+        self.last_reload_seconds = seconds
+        log.info("reloaded the weights in %.2f s", seconds)
+        return seconds
 
     # --- doors ------------------------------------------------------------------------------------------------
     @property
@@ -217,7 +462,18 @@ class Engine:
         from ..memory.estimator import WorkShape, admit_shape
 
         shape = WorkShape(request.width, request.height, request.batch, request.cfg)
-        return admit_shape(self.estimator, self.memory_snapshot(), shape, self.settings.memory_margin_bytes)
+        return admit_shape(self.estimator, self._admission_snapshot(), shape, self.settings.memory_margin_bytes)
+
+    def _admission_snapshot(self) -> Any:
+        """The snapshot admission judges against: unloaded weights count as if back, and a VRAM budget caps the
+        total at what the allocator may hold (budget) plus what lives outside it (``other``)."""
+        snap = self.memory_snapshot()
+        if self.unloaded:
+            snap = dataclasses.replace(snap, weights_bytes=max(snap.weights_bytes, self._unloaded_weights_bytes))
+        budget = self._budget_bytes()
+        if budget is not None and snap.device_kind == "cuda":
+            snap = dataclasses.replace(snap, total_bytes=min(snap.total_bytes, budget + snap.other_bytes))
+        return snap
 
     def submit(self, raw: GenerationRequest | Mapping[str, Any] | Validated, *, owner: str | None = None) -> Job:
         """Validate (unless already validated), check memory, queue.
@@ -293,6 +549,17 @@ class Engine:
             "dtype": str(m.dtype).replace("torch.", "") if m else None,
             "base_model": self.base_model.model_id if self.base_model is not None else None,
             "load_seconds": round(self.load_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
+            "ready_seconds": round(self.ready_seconds, 3),
+            "stages": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "placement": self.placement.name if self.placement else None,
+            "plan": self.plan.lines() if self.plan is not None else None,
+            "acceleration": self.acceleration.to_dict() if self.acceleration else None,
+            "estimator": self.estimator.description if self.estimator is not None else None,
+            "idle_unload_minutes": self.settings.idle_unload_minutes, "unloaded": self.unloaded,
+            "unloads": self.unloads, "reloads": self.reloads,
+            "last_reload_seconds": None if self.last_reload_seconds is None else round(self.last_reload_seconds, 3),
+            "prompt_cache": {"size": self.prompt_cache.size, "hits": self.prompt_cache.hits,
+                             "misses": self.prompt_cache.misses},
             "state": self.state.value, "reason": self.reason,
         }
 
@@ -304,6 +571,13 @@ class Engine:
 
     # --- the worker's side ------------------------------------------------------------------------------------
     def _execute(self, job: Job) -> JobResult:
+        try:
+            return self._execute_loaded(job)
+        finally:
+            self._last_active = time.monotonic()
+
+    def _execute_loaded(self, job: Job) -> JobResult:
+        reload_s = self.reload() if self.unloaded else None
         preset = self.presets().presets[job.request.preset]
         runner = self.runners["base"] if preset.model == "base" and "base" in self.runners else self.runners["turbo"]
         if self.probe is not None:
@@ -315,12 +589,17 @@ class Engine:
         notes = list(job.notes)
         if output.retried_tiled:
             notes.append("ran out of memory once; finished with a tiled VAE decode")
+        if reload_s is not None:
+            notes.append(f"model reloaded after idle unload in {reload_s:.1f} s")
+            output.timings["reload_s"] = reload_s
         loaded = self.base_model if runner is self.runners.get("base") else self.model
         result = JobResult(images=output.images, seeds=output.seeds, request=job.request, changes=job.changes,
                            notes=notes, model_id=loaded.model_id, model_label=loaded.label, timings=output.timings,
                            peak_working_bytes=peak)
         if self.settings.save_images:
+            t_save = time.perf_counter()
             result.paths = self._save(job, result)
+            result.timings["save_s"] = time.perf_counter() - t_save
         for hook in self._result_hooks:
             try:
                 hook(job, result)

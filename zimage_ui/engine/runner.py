@@ -60,6 +60,15 @@ class PromptCache:
             self._items.clear()
 
 
+def to_pil(images: torch.Tensor) -> list[Any]:
+    """Decoded images in [0, 1] (N, C, H, W) → PIL: the same pixels as diffusers' ``output_type="pil"`` (float32
+    ``(x * 255).round()`` to uint8), but computed on the device, so only uint8 bytes cross to the host."""
+    from PIL import Image
+
+    array = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -150,9 +159,9 @@ class PipelineRunner:
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
             num_images_per_prompt=req.batch, height=req.height, width=req.width,
             num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
-            callback_on_step_end=on_step, output_type="latent" if tiled else "pil",
+            callback_on_step_end=on_step, output_type="latent" if tiled else "pt",
         ).images
-        images = self._decode_tiled(result) if tiled else list(result)
+        images = self._decode_tiled(result) if tiled else to_pil(result)
         t_end = time.perf_counter()
         steps_s = (step_marks[-1] - t_encoded) if step_marks else 0.0
         timings = {

@@ -8,6 +8,7 @@ leaves it at once and positions stay exact.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -23,12 +24,15 @@ class SerialWorker:
     """Runs ``execute(job)`` for each submitted job, in order, on one thread."""
 
     def __init__(self, execute: Callable[[Job], JobResult], *, max_queue: int = 16, jobs_per_client: int = 1,
-                 timer: StepTimer | None = None, name: str = "zimage-gpu-worker"):
+                 timer: StepTimer | None = None, name: str = "zimage-gpu-worker",
+                 on_idle: Callable[[], None] | None = None):
         self._execute = execute
+        self.on_idle = on_idle  # called on this thread about once a second while the queue is empty (idle unload)
         self.max_queue = max_queue
         self.jobs_per_client = jobs_per_client
         self.timer = timer or StepTimer()
         self._queue: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
         self._running: Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -61,6 +65,21 @@ class SerialWorker:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=max(grace_s, 0) + 30)
+
+    # --- running code on this thread -------------------------------------------------------------------------
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker thread, before any queued job; returns a Future of its result.
+
+        For work that must share the jobs' thread: warm-up (CUDA libraries keep per-thread state, so kernels
+        warmed on another thread are cold for the first job) and idle unload.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("worker stopped")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
 
     # --- submitting ------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -166,18 +185,43 @@ class SerialWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._calls and not self._stopping:
                     self._cond.wait(timeout=1.0)
                     self.last_heartbeat = time.monotonic()
-                if self._stopping and not self._queue:
+                    if self.on_idle is not None and not self._queue and not self._stopping:
+                        break
+                if self._stopping and not self._queue and not self._calls:
                     return
-                job = self._queue.popleft()
+                call = self._calls.popleft() if self._calls else None
+                job = self._queue.popleft() if self._queue and call is None else None
                 self._running = job
+            if call is not None:
+                self._run_call(*call)
+                continue
+            if job is None:  # idle: run the hook outside the lock, so submit() never waits for it
+                self._idle()
+                continue
             self._notify_positions()
             self._run_one(job)
             with self._cond:
                 self._running = None
             self.last_heartbeat = time.monotonic()
+
+    def _run_call(self, fn: Callable[[], object], future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller through the future
+            future.set_exception(exc)
+        self.last_heartbeat = time.monotonic()
+
+    def _idle(self) -> None:
+        try:
+            self.on_idle()
+        except Exception:  # the worker must survive its idle hook too
+            log.exception("idle hook failed")
+        self.last_heartbeat = time.monotonic()
 
     def _run_one(self, job: Job) -> None:
         if job.cancel_requested:

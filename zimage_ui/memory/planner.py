@@ -22,7 +22,9 @@ than the next):
   (``enable_layerwise_casting``): 11.46 → 5.74 GB. Needs compute capability ≥ 8.9. Listed after text-encoder
   offload and combined with it, because fp8 alone (5.74 + 7.49 GB) needs more memory than text-encoder offload.
 - ``model-offload``: ``enable_model_cpu_offload()``: one whole component on the GPU at a time.
-- ``sequential-offload``: ``enable_sequential_cpu_offload()``: one leaf module's weights at a time.
+- ``sequential-offload``: the transformer and text encoder streamed block by block (diffusers group offloading on
+  a side stream; the engine uses it instead of ``enable_sequential_cpu_offload()``, which moves every leaf
+  synchronously).
 
 A placement fits when ``predicted peak + CUDA context + margin ≤ budget``, the budget being ``min(total,
 budget_bytes)``. The predicted peak is the largest, over the encode, denoise and decode phases, of the weights on
@@ -318,8 +320,14 @@ def _cuda_placements(sizes: ComponentSizes, estimator: WorkingMemoryEstimator, s
                 ],
             ),
             SEQUENTIAL_OFFLOAD_LATENCY_S,
-            "every leaf module's weights cross PCIe when it runs; slowest, smallest",
-            ("pipe.enable_sequential_cpu_offload()",),
+            "transformer and text encoder streamed block by block from pinned CPU RAM, one block ahead on a side "
+            "stream (engine/placement.py); smallest",
+            (
+                "apply_group_offloading(pipe.transformer, onload_device=cuda, offload_device=cpu, "
+                "offload_type='block_level', num_blocks_per_group=1, use_stream=True)",
+                *stream,
+                "pipe.vae.to('cuda')",
+            ),
             "guess",
         ),
     ]

@@ -309,7 +309,7 @@ def weights_on_device(modules: Iterable[torch.nn.Module | None], device: torch.d
     for module in modules:
         if not isinstance(module, torch.nn.Module):
             continue  # pipelines list tokenizers and schedulers among their components
-        for tensor in (*module.parameters(), *module.buffers()):
+        for tensor in (t for top in (*module.parameters(), *module.buffers()) for t in _plain_parts(top)):
             if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
                 continue
             if tensor.device.type == "meta":
@@ -320,6 +320,17 @@ def weights_on_device(modules: Iterable[torch.nn.Module | None], device: torch.d
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _plain_parts(tensor: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The tensors that hold ``tensor``'s bytes: itself, or for a wrapper subclass (torchao's fp8 weights) its
+    inner tensors, which own the storage (the wrapper's own ``data_ptr()`` is 0 for all of them)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _plain_parts(getattr(tensor, name))
+    else:
+        yield tensor
 
 
 def make_probe(device: torch.device | str, weights_bytes: Callable[[], int]) -> MemoryProbe:
