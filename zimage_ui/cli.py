@@ -22,7 +22,9 @@ _SETTING_FLAGS = ("model", "model_dir", "base_model", "device", "dtype", "preset
                   "max_queue", "jobs_per_client", "vram_budget_gb", "memory_margin_gb", "vram_poll_seconds",
                   "output_dir", "save_images", "host", "port", "auth", "kiosk", "language", "log_level",
                   "auth_file", "open_health", "cors_origins", "rate_limit_per_minute", "watchdog_seconds",
-                  "grace_seconds", "history_db", "ui_gallery_max", "kiosk_idle_seconds")
+                  "grace_seconds", "history_db", "ui_gallery_max", "kiosk_idle_seconds",
+                  "compile", "compile_vae", "attention", "fp8", "placement", "prompt_cache_size",
+                  "idle_unload_minutes", "cache_dir")
 
 # Flags that only mean something to a running server.
 _SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_health", "cors_origins",
@@ -159,6 +161,52 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench ----------------------------------------------------------------------------------------------------
+_BENCH_SETTINGS = ("model", "model_dir", "device", "dtype", "presets_file", "max_side", "warmup", "compile",
+                   "compile_vae", "attention", "fp8", "placement", "vram_budget_gb", "memory_margin_gb",
+                   "prompt_cache_size", "cache_dir", "output_dir", "save_images", "log_level")
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h or w)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, default_output_dir, run_bench, summary_lines, to_json
+
+    forced = {}
+    if args.synthetic and args.model is None:
+        forced["model"] = "demo"  # not used: the synthetic loader replaces resolution
+    if args.output_dir is None:
+        forced["output_dir"] = str(default_output_dir())
+    settings = _settings(args, _BENCH_SETTINGS, **forced)
+    _setup_logging(settings.log_level)  # a benchmark wants the plan and start-up lines
+    options = BenchOptions(
+        synthetic=args.synthetic, synthetic_scale=args.synthetic_scale, preset=args.preset, width=args.width,
+        height=args.height, batch=args.batch,
+        runs=args.runs, steps=args.steps, sweep=args.sweep, sweep_steps=args.sweep_steps, soak=args.soak,
+        idle_test=args.idle_test, components=args.components,
+        quick=args.quick, latents=Path(args.latents) if args.latents else None,
+        baseline=Path(args.baseline) if args.baseline else None,
+        save_synthetic=Path(args.save_synthetic) if args.save_synthetic else None,
+        extra_sizes=[_size(s) for s in args.size or []], out=Path(args.out) if args.out else None,
+    )
+    if args.sweep_sides:
+        options.sides = tuple(int(v) for v in args.sweep_sides.split(","))
+    if args.sweep_batches:
+        options.batches = tuple(int(v) for v in args.sweep_batches.split(","))
+    report = run_bench(settings, options)
+    text = to_json(report)
+    if args.out:
+        Path(args.out).write_text(text + "\n")  # save-synthetic writes no checkpoints
+    if args.json:
+        print(text)
+    for line in summary_lines(report):
+        print(line, file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 # --- serve ----------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service.server import serve
@@ -194,8 +242,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="GPU, driver, memory, versions, where the model is, what to do next")
     doc.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_setting_flags(doc, ["model", "model_dir", "device", "dtype", "vram_budget_gb", "memory_margin_gb"])
+    _add_setting_flags(doc, ["model", "model_dir", "device", "dtype", "vram_budget_gb", "memory_margin_gb",
+                             "placement", "fp8", "cache_dir"])
     doc.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser("bench", help="measure cold start, latency, memory and the estimator on this machine")
+    bench.add_argument("--synthetic", action="store_true",
+                       help="full-size Z-Image-Turbo architecture with random weights (no download needed)")
+    bench.add_argument("--synthetic-scale", choices=["full", "demo"], default="full",
+                       help="full: the released architecture; demo: the demo model's sizes (a CPU smoke test)")
+    bench.add_argument("--preset", help="preset to time (default: the default preset)")
+    bench.add_argument("--width", type=int, help="pixels (default: the preset's)")
+    bench.add_argument("--height", type=int, help="pixels (default: the preset's)")
+    bench.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    bench.add_argument("--steps", type=int, help="transformer passes (default: the preset's)")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
+    bench.add_argument("--size", action="append", metavar="WxH", help="also time this size (repeatable)")
+    bench.add_argument("--sweep", action="store_true", help="estimator sweep: sides x batches through admission")
+    bench.add_argument("--sweep-sides", help="comma-separated sides (default 512,768,1024,1536,2048)")
+    bench.add_argument("--sweep-batches", help="comma-separated batches (default 1,2,3,4)")
+    bench.add_argument("--sweep-steps", type=int, default=1,
+                       help="passes per sweep/soak run (peak memory does not depend on it; default 1)")
+    bench.add_argument("--soak", type=int, default=0, metavar="N", help="N generations at mixed sizes: VRAM growth")
+    bench.add_argument("--idle-test", action="store_true", help="unload as when idle, then time the reload")
+    bench.add_argument("--quick", action="store_true", help="skip the direct pipeline call and VRAM-bar sampling")
+    bench.add_argument("--components", action="store_true",
+                       help="time prompt encode, VAE decode (eager / compiled / channels-last) and PIL conversion")
+    bench.add_argument("--latents", metavar="FILE",
+                       help="final latents for seed 0: saved to FILE if absent, else compared (cosine)")
+    bench.add_argument("--baseline", metavar="FILE", help="vanilla_diffusers.py output (JSON lines) for the ratio")
+    bench.add_argument("--save-synthetic", metavar="DIR", help="write the synthetic model as a diffusers folder")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON (summary to stderr)")
+    bench.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+    _add_setting_flags(bench, _BENCH_SETTINGS)
+    bench.set_defaults(func=cmd_bench)
 
     dl = sub.add_parser("download", help="download the weights (the only command that uses the network)")
     dl.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="Hugging Face or ModelScope")

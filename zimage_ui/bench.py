@@ -1,0 +1,601 @@
+"""``zimage-ui bench``: the seeds' measurement programme, run through the app's own engine.
+
+    zimage-ui bench [--model SPEC] [--synthetic] [--preset P] [--width W] [--height H] [--batch N] [--runs N] [--json]
+
+What it measures, in one process (see docs/benchmarks.md for figures and the exact commands):
+
+- **cold start**, broken into load / to-device / placement / acceleration (attention probe, compile set-up) /
+  warm-up (compilation happens here) / ready;
+- the **first request after ready** (a prompt warm-up never saw) against warm requests with new prompts;
+- **warm latency** per preset and size: median, min and max over ``--runs``, with a new prompt each run (the text
+  encoder runs) and with the same prompt and new seeds (the prompt cache answers);
+- a **direct pipeline call** on the same pipeline (what a script would do) and so the **app overhead** of the
+  engine's path: validation, queue, progress callbacks, PNG encode with metadata, atomic file write;
+- **peak working memory** and the estimator's prediction for it; the VRAM bar's segments against NVML;
+- optionally the estimator **sweep** (``--sweep``: 512²–2048² × batch 1–4, through admission, so a refused request
+  is counted as refused and an admitted one that runs out of memory as an OOM), a VRAM **soak** (``--soak N``),
+  **idle unload** and reload (``--idle-test``), final latents for an fp8-vs-bf16 **cosine** (``--latents FILE``),
+  and the ratio against the vanilla diffusers baseline (``--baseline FILE``: the JSON lines that
+  ``../shared/bench/vanilla_diffusers.py`` printed in the same command).
+
+``--synthetic`` builds the full-size Z-Image-Turbo architecture with random weights on the device
+(:mod:`zimage_ui.models.synthetic`), so anyone can learn what their GPU will do before downloading 33 GB;
+``--save-synthetic DIR`` writes it as a diffusers folder instead, so ``--model DIR`` can measure the real loading
+path from the page cache. On the demo model the whole programme runs on a laptop CPU in seconds (a smoke test).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_VERSION = 1
+GiB = 2**30
+log = logging.getLogger(__name__)
+
+# One word = one token for the demo/synthetic tokenizer, like the baseline script's 60-word prompt ("w0 … w59").
+_WORDS = ("red orange yellow green blue purple pink brown black white gray gold silver dark light bright circle "
+          "square triangle star heart line dot ring cube sphere cat dog bird fish horse tree flower sun moon sky "
+          "sea river mountain city house street car boat cloud rain snow fire water forest field garden portrait "
+          "photo painting drawing sketch watercolor oil cinematic realistic detailed beautiful small big").split()
+PROMPT_WORDS = 60
+SWEEP_SIDES = (512, 768, 1024, 1536, 2048)
+SWEEP_BATCHES = (1, 2, 3, 4)
+SOAK_SIZES = ((1024, 1024), (768, 768), (1280, 720), (1536, 1536), (864, 1152), (1024, 1024), (1344, 576))
+
+
+def bench_prompt(index: int) -> str:
+    """The ``index``-th benchmark prompt: 60 words, a different word order for each index."""
+    n = len(_WORDS)
+    return " ".join(_WORDS[(index * 7 + i * (1 + index % 5)) % n] for i in range(PROMPT_WORDS))
+
+
+@dataclass
+class BenchOptions:
+    synthetic: bool = False
+    synthetic_scale: str = "full"  # "demo": the same builder at the demo model's sizes (CPU tests)
+    preset: str | None = None
+    width: int | None = None
+    height: int | None = None
+    batch: int = 1
+    runs: int = 5
+    steps: int | None = None
+    sweep: bool = False
+    sweep_steps: int = 1
+    soak: int = 0
+    idle_test: bool = False
+    components: bool = False
+    quick: bool = False  # skip the direct pipeline call and the VRAM-bar sampling (budget runs)
+    latents: Path | None = None
+    baseline: Path | None = None
+    save_synthetic: Path | None = None
+    out: Path | None = None  # the report is (re)written here after every section, so a killed run leaves data
+    sides: tuple[int, ...] = SWEEP_SIDES
+    batches: tuple[int, ...] = SWEEP_BATCHES
+    extra_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median_s": round(statistics.median(values), 4), "min_s": round(min(values), 4),
+            "max_s": round(max(values), 4), "runs": len(values)}
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def read_baseline(path: Path) -> dict[str, Any]:
+    """The vanilla script's JSON lines → {"built": ..., "first": ..., "run": ...} (the last of each stage)."""
+    stages: dict[str, Any] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and "stage" in data:
+                stages[data["stage"]] = data
+    if "run" not in stages:
+        raise ValueError(f"{path}: no 'run' line from vanilla_diffusers.py")
+    return stages
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _device_facts(engine: Any) -> dict[str, Any]:
+    import torch
+
+    from .metadata import package_versions
+
+    device = engine.model.device
+    info: dict[str, Any] = {"kind": device.type, "torch": torch.__version__,
+                            "diffusers": package_versions().get("diffusers")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_bytes=int(props.total_memory), capability=f"{props.major}.{props.minor}",
+                    cuda=torch.version.cuda)
+    else:
+        info["name"] = "CPU"
+    return info
+
+
+def _timed_generate(engine: Any, raw: dict[str, Any]) -> tuple[float, Any]:
+    _sync()
+    t0 = time.perf_counter()
+    result = engine.generate(raw, timeout=3600)
+    _sync()
+    return time.perf_counter() - t0, result
+
+
+def _direct_call(engine: Any, raw: dict[str, Any], seed: int) -> float:
+    """The same pipeline called as a script would: prompt encoded every time, PIL output, no queue, no file."""
+    import torch
+
+    pipe = engine.model.pipe
+    device = engine.model.device
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pipe(prompt=[raw["prompt"]] * raw.get("batch", 1), height=raw["height"], width=raw["width"],
+             num_inference_steps=raw["steps"], guidance_scale=raw.get("guidance", 0.0),
+             generator=torch.Generator(device.type).manual_seed(seed), output_type="pil")
+    _sync()
+    return time.perf_counter() - t0
+
+
+def _vram_bar(engine: Any, during: list[Any] | None = None) -> dict[str, Any]:
+    """The VRAM bar's used bytes (everything but 'free') against NVML's device 'used', at idle and during a job."""
+
+    def compare(snap: Any) -> dict[str, Any]:
+        used = snap.total_bytes - snap.free_bytes
+        row: dict[str, Any] = {"segments": dict(snap.segments()), "bar_used_bytes": used,
+                               "segments_sum_equals_total": sum(s for _, s in snap.segments()) == snap.total_bytes}
+        nv = snap.nvml or {}
+        if nv.get("device_used_bytes"):
+            row["nvml_used_bytes"] = nv["device_used_bytes"]
+            row["nvml_total_bytes"] = nv.get("device_total_bytes")
+            row["diff_pct"] = round(100.0 * (used - nv["device_used_bytes"]) / nv["device_used_bytes"], 3)
+            row["diff_bytes"] = used - nv["device_used_bytes"]
+        return row
+
+    out: dict[str, Any] = {"idle": compare(engine.memory_snapshot())}
+    if during:
+        rows = [compare(s) for s in during]
+        diffs = [abs(r["diff_pct"]) for r in rows if "diff_pct" in r]
+        out["during_job"] = {"samples": len(rows), "max_abs_diff_pct": round(max(diffs), 3) if diffs else None}
+    return out
+
+
+def _sample_during(engine: Any, raw: dict[str, Any], period_s: float = 0.02) -> list[Any]:
+    snaps: list[Any] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            snaps.append(engine.memory_snapshot())
+            stop.wait(period_s)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        engine.generate(raw, timeout=3600)
+    finally:
+        stop.set()
+        thread.join(5)
+    return snaps
+
+
+def _sweep(engine: Any, options: BenchOptions, steps: int) -> dict[str, Any]:
+    """Every side × batch through admission; measured peak vs the estimator's prediction for those admitted."""
+    from .engine.jobs import JobFailed, MemoryRefused
+
+    rows = []
+    for side in options.sides:
+        for batch in options.batches:
+            raw = {"prompt": bench_prompt(1), "width": side, "height": side, "batch": batch, "steps": steps,
+                   "seed": 1, "preset": "turbo"}
+            validated = engine.validate(raw)
+            request = validated.request
+            predicted = engine.predict_working_bytes(request)
+            row: dict[str, Any] = {"width": side, "height": side, "batch": batch, "cfg": request.cfg,
+                                   "predicted_bytes": predicted}
+            try:
+                seconds, result = _timed_generate(engine, raw)
+            except MemoryRefused as exc:
+                row.update(admission="over", refused=exc.admission.message)
+            except JobFailed as exc:
+                row.update(admission="admitted", oom=exc.kind == "oom", error=str(exc))
+            else:
+                measured = result.peak_working_bytes
+                recovered = any("out of memory" in n for n in result.notes)
+                row.update(admission="admitted", measured_bytes=measured, seconds=round(seconds, 3),
+                           oom=recovered, error_pct=round(100.0 * (predicted - measured) / measured, 2)
+                           if measured > 0 else None)
+            rows.append(row)
+            log.info("sweep %s", row)
+    measured = [r for r in rows if r.get("error_pct") is not None]
+    summary = {
+        "steps": steps,
+        "shapes": len(rows),
+        "admitted": sum(1 for r in rows if r["admission"] == "admitted"),
+        "refused": sum(1 for r in rows if r["admission"] == "over"),
+        "ooms": sum(1 for r in rows if r.get("oom")),
+        "max_abs_error_pct": max((abs(r["error_pct"]) for r in measured), default=None),
+        "max_under_prediction_pct": min((r["error_pct"] for r in measured), default=None),
+    }
+    return {"rows": rows, "summary": summary}
+
+
+def _soak(engine: Any, n: int, steps: int) -> dict[str, Any]:
+    """``n`` generations cycling through mixed sizes; reserved memory after the first round vs at the end."""
+    import torch
+
+    cuda = engine.model.device.type == "cuda"
+
+    def reserved() -> int:
+        return int(torch.cuda.memory_reserved()) if cuda else 0
+
+    first_round = len(SOAK_SIZES) * 2
+    after_first = None
+    readings = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        w, h = SOAK_SIZES[i % len(SOAK_SIZES)]
+        engine.generate({"prompt": bench_prompt(i % 9), "width": w, "height": h, "batch": 1 + (i // 7) % 2,
+                         "steps": steps, "seed": i}, timeout=3600)
+        if i + 1 == min(first_round, n):
+            after_first = reserved()
+        if (i + 1) % 50 == 0 or i + 1 == n:
+            readings.append({"after": i + 1, "reserved_bytes": reserved()})
+    end = reserved()
+    growth = None if not after_first else round(100.0 * (end - after_first) / after_first, 3)
+    return {"generations": n, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            "reserved_after_first_round_bytes": after_first, "reserved_end_bytes": end, "growth_pct": growth,
+            "readings": readings}
+
+
+def _idle_test(engine: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """Unload on the worker's thread as the idle hook would, then time a request (which reloads)."""
+    before = engine.memory_snapshot()
+    t0 = time.perf_counter()
+    engine.worker.call(engine.unload).result()
+    unload_s = time.perf_counter() - t0
+    after = engine.memory_snapshot()
+    seconds, _ = _timed_generate(engine, raw)
+    return {"unload_s": round(unload_s, 3), "reload_s": engine.model_info()["last_reload_seconds"],
+            "first_request_after_reload_s": round(seconds, 3),
+            "weights_on_gpu_loaded_bytes": before.weights_bytes, "weights_on_gpu_unloaded_bytes": after.weights_bytes,
+            "gpu_used_loaded_bytes": before.total_bytes - before.free_bytes,
+            "gpu_used_unloaded_bytes": after.total_bytes - after.free_bytes,
+            "nvml_used_unloaded_bytes": (after.nvml or {}).get("device_used_bytes")}
+
+
+def _cuda_ms(fn, repeats: int = 5) -> float:
+    import torch
+
+    fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        _sync()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times), 2)
+
+
+def _components(engine: Any, width: int, height: int) -> dict[str, Any]:
+    """Milliseconds of the parts around the denoise loop at ``width×height`` (CUDA): prompt encode, VAE decode
+    eager / channels-last / compiled, and the two ways to turn the decoded tensor into PIL images."""
+    import torch
+
+    from .engine.runner import to_pil
+
+    pipe = engine.model.pipe
+    device = engine.model.device
+    vae = pipe.vae
+    out: dict[str, Any] = {"width": width, "height": height}
+    prompt = bench_prompt(700)
+    with torch.no_grad():
+        out["encode_ms"] = _cuda_ms(lambda: pipe._encode_prompt(prompt=[prompt], device=device))
+        latents = torch.randn(1, 16, height // 8, width // 8, device=device, dtype=vae.dtype)
+
+        def decode(decoder: Any) -> Any:
+            # Z-Image's VAE has no post-quant conv: decode() is the decoder on the rescaled latents
+            return decoder(latents / vae.config.scaling_factor + vae.config.shift_factor)
+
+        out["vae_decode_eager_ms"] = _cuda_ms(lambda: decode(vae.decoder))
+        image = (decode(vae.decoder) / 2 + 0.5).clamp(0, 1)
+        out["to_pil_diffusers_ms"] = _cuda_ms(
+            lambda: pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(image)))
+        out["to_pil_on_device_ms"] = _cuda_ms(lambda: to_pil(image))
+        try:
+            compiled = torch.compile(vae.decoder)
+            t0 = time.perf_counter()
+            decode(compiled)
+            _sync()
+            out["vae_compile_s"] = round(time.perf_counter() - t0, 1)
+            out["vae_decode_compiled_ms"] = _cuda_ms(lambda: decode(compiled))
+            vae.decoder.to(memory_format=torch.channels_last)
+            out["vae_decode_channels_last_eager_ms"] = _cuda_ms(lambda: decode(vae.decoder))
+        except Exception as exc:  # report, don't fail the benchmark
+            out["vae_compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            vae.decoder.to(memory_format=torch.contiguous_format)
+    return out
+
+
+def _latents(engine: Any, raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Final latents for seed 0 at the preset size: saved to ``path`` if absent, else compared (cosine)."""
+    import torch
+
+    pipe = engine.model.pipe
+    device = engine.model.device
+    with torch.no_grad():
+        latents = pipe(prompt=[raw["prompt"]], height=raw["height"], width=raw["width"],
+                       num_inference_steps=raw["steps"], guidance_scale=0.0,
+                       generator=torch.Generator(device.type).manual_seed(0), output_type="latent").images
+    latents = latents.float().cpu()
+    if not Path(path).exists():
+        torch.save(latents, path)
+        return {"saved": str(path), "shape": list(latents.shape)}
+    reference = torch.load(path)
+    a, b = latents.flatten(), reference.flatten()
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    rel = float((a - b).norm() / b.norm())
+    return {"compared_with": str(path), "cosine": round(cosine, 6), "relative_l2": round(rel, 6),
+            "finite": bool(torch.isfinite(a).all())}
+
+
+# --------------------------------------------------------------------------------------------------------------
+def run_bench(settings: Any, options: BenchOptions) -> dict[str, Any]:
+    """Run the programme; returns the JSON-able report (shape documented in docs/benchmarks.md)."""
+    from .engine.engine import Engine
+
+    if options.save_synthetic is not None:
+        return save_synthetic_model(settings, options.save_synthetic, scale=options.synthetic_scale)
+    loader = None
+    if options.synthetic:
+        from .models.synthetic import FULL_CONFIGS, demo_configs, load_synthetic
+
+        configs = demo_configs() if options.synthetic_scale == "demo" else FULL_CONFIGS
+
+        def loader(s: Any, device: Any) -> Any:
+            return load_synthetic(device, s.dtype, configs=configs)
+
+    engine = Engine(settings, loader=loader)
+    t0 = time.perf_counter()
+    engine.start()
+    wall_ready = time.perf_counter() - t0
+    try:
+        return _programme(engine, options, wall_ready)
+    finally:
+        engine.shutdown(grace_s=0)
+
+
+def _progress(report: dict[str, Any], options: BenchOptions, section: str) -> None:
+    import sys
+
+    print(f"bench: {section} done", file=sys.stderr, flush=True)
+    if options.out is not None:
+        Path(options.out).write_text(to_json(report) + "\n")
+
+
+def _programme(engine: Any, options: BenchOptions, wall_ready: float) -> dict[str, Any]:
+    info = engine.model_info()
+    book = engine.presets()
+    preset = book.presets[options.preset or book.default]
+    width, height = options.width or preset.width, options.height or preset.height
+    steps = options.steps or preset.steps
+    base = {"preset": preset.name, "width": width, "height": height, "batch": options.batch, "steps": steps,
+            "guidance": preset.guidance}
+    report: dict[str, Any] = {
+        "bench_version": BENCH_VERSION,
+        "device": _device_facts(engine),
+        "model": {"id": info["id"], "label": info["label"], "synthetic": options.synthetic, "dtype": info["dtype"],
+                  "weights_on_device_bytes": engine.weights_bytes()},
+        "settings": {k: getattr(engine.settings, k) for k in ("compile", "compile_vae", "attention", "fp8", "placement",
+                                                              "vram_budget_gb", "prompt_cache_size", "warmup")},
+        "cold_start": {**info["stages"], "wall_s": round(wall_ready, 3)},
+        "placement": engine.placement.to_dict() if engine.placement else None,
+        "plan": info["plan"],
+        "acceleration": info["acceleration"],
+        "warmup_runs": engine.warmup_runs,
+        "request": base,
+    }
+    _progress(report, options, "cold start")
+    # 1. first request after ready: a prompt nobody has seen (the text encoder runs)
+    first_s, first = _timed_generate(engine, {**base, "prompt": bench_prompt(100), "seed": 100})
+    # 2. warm: new prompt every run (encoder runs), then the same prompt with new seeds (prompt cache)
+    new_prompt, same_prompt, results = [], [], []
+    for i in range(options.runs):
+        seconds, result = _timed_generate(engine, {**base, "prompt": bench_prompt(200 + i), "seed": 200 + i})
+        new_prompt.append(seconds)
+        results.append(result)
+    for i in range(options.runs):
+        seconds, result = _timed_generate(engine, {**base, "prompt": bench_prompt(200), "seed": 300 + i})
+        same_prompt.append(seconds)
+        results.append(result)
+    timings = {k: statistics.median(r.timings[k] for r in results) for k in ("encode_s", "denoise_s", "decode_s")}
+    warm_new = _stats(new_prompt)
+    report["first_request"] = {"seconds": round(first_s, 4), "warm_new_prompt_median_s": warm_new["median_s"],
+                               "ratio": round(first_s / warm_new["median_s"], 3),
+                               "timings": {k: round(v, 4) for k, v in first.timings.items()},
+                               "warm_timings": {k: round(v, 4) for k, v in results[0].timings.items()}}
+    report["warm"] = [
+        {**base, "prompt": "new each run", **warm_new,
+         **{k: round(v, 4) for k, v in timings.items()}},
+        {**base, "prompt": "same, new seeds (prompt cache)", **_stats(same_prompt)},
+    ]
+    for w, h in options.extra_sizes:
+        extra = []
+        for i in range(options.runs):
+            seconds, _ = _timed_generate(engine, {**base, "width": w, "height": h, "prompt": bench_prompt(200),
+                                                  "seed": 400 + i})
+            extra.append(seconds)
+        report["warm"].append({**base, "width": w, "height": h, "prompt": "same, new seeds (prompt cache)",
+                               **_stats(extra)})
+    _progress(report, options, "warm latency")
+    saves = [r.timings["save_s"] for r in results if "save_s" in r.timings]
+    if saves:  # PNG encode + metadata + atomic write, inside the engine's figures
+        report["save_png_median_s"] = round(statistics.median(saves), 4)
+    # 3. direct pipeline call, same pipeline, new prompt each time: the app's overhead over it
+    if not options.quick:
+        direct = [_direct_call(engine, {**base, "prompt": bench_prompt(500 + i)}, seed=500 + i)
+                  for i in range(options.runs)]
+        report["direct"] = _stats(direct)
+        d = report["direct"]["median_s"]
+        report["app_overhead_pct"] = round(100.0 * (warm_new["median_s"] / d - 1), 2)
+        if saves:
+            report["app_overhead_without_png_pct"] = round(
+                100.0 * ((warm_new["median_s"] - report["save_png_median_s"]) / d - 1), 2)
+    # 4. memory at the request size: measured peak vs the estimator
+    peak = max(r.peak_working_bytes for r in results)
+    request = engine.validate({**base, "prompt": "x"}).request
+    predicted = engine.predict_working_bytes(request)
+    report["memory"] = {"peak_working_bytes": peak, "predicted_bytes": predicted,
+                        "error_pct": round(100.0 * (predicted - peak) / peak, 2) if peak else None,
+                        "estimator": engine.estimator.description, "estimator_file": str(engine.estimator_path)
+                        if engine.estimator_path else None}
+    if engine.model.device.type == "cuda":
+        import torch
+
+        report["memory"]["max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        report["memory"]["reserved_bytes"] = int(torch.cuda.memory_reserved())
+    # 5. the VRAM bar against NVML
+    during = None if options.quick else _sample_during(engine, {**base, "prompt": bench_prompt(200), "seed": 7})
+    report["vram_bar"] = _vram_bar(engine, during)
+    if first.notes:
+        report["first_request"]["notes"] = first.notes
+    _progress(report, options, "memory and VRAM bar")
+    # 6. optional parts
+    if options.components and engine.model.device.type == "cuda":
+        report["components"] = _components(engine, width, height)
+    if options.latents is not None:
+        report["latents"] = _latents(engine, {**base, "prompt": bench_prompt(200)}, options.latents)
+    saving = engine.settings.save_images
+    engine.settings.save_images = False  # the sweep and soak measure memory; PNG files would only cost time
+    try:
+        if options.sweep:
+            report["sweep"] = _sweep(engine, options, options.sweep_steps)
+            _progress(report, options, "sweep")
+        if options.soak:
+            report["soak"] = _soak(engine, options.soak, options.sweep_steps)
+            _progress(report, options, "soak")
+    finally:
+        engine.settings.save_images = saving
+    if options.idle_test:
+        report["idle_unload"] = _idle_test(engine, {**base, "prompt": bench_prompt(200), "seed": 9})
+    if options.baseline is not None:
+        stages = read_baseline(options.baseline)
+        run = stages["run"]
+        report["baseline"] = {"vanilla": stages, "vanilla_median_s": run["median_s"],
+                              "ours_median_s": report["warm"][1]["median_s"],
+                              "speedup_same_prompt": round(run["median_s"] / report["warm"][1]["median_s"], 3),
+                              "speedup_new_prompt": round(run["median_s"] / warm_new["median_s"], 3)}
+    report["prompt_cache"] = engine.model_info()["prompt_cache"]
+    _progress(report, options, "all")
+    return report
+
+
+def save_synthetic_model(settings: Any, folder: Path, scale: str = "full") -> dict[str, Any]:
+    """Build the synthetic model on the device and write it as a diffusers folder."""
+    from .models.loading import pick_device, pick_dtype
+    from .models.synthetic import FULL_CONFIGS, build_synthetic_pipeline, demo_configs, save_synthetic
+
+    device = pick_device(settings.device)
+    t0 = time.perf_counter()
+    configs = demo_configs() if scale == "demo" else FULL_CONFIGS
+    pipe = build_synthetic_pipeline(device, pick_dtype(device, settings.dtype), configs=configs)
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    save_synthetic(pipe, folder)
+    size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    return {"bench_version": BENCH_VERSION, "saved": str(folder), "bytes": size, "build_s": round(built, 2),
+            "save_s": round(time.perf_counter() - t0, 2)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A short human table of the report."""
+    if "saved" in report:
+        return [f"saved {report['saved']} ({report['bytes'] / GiB:.2f} GB) in {report['save_s']} s"]
+    lines = []
+    dev = report["device"]
+    acc = report.get("acceleration") or {}
+    att = (acc.get("attention") or {})
+    lines.append(f"device {dev.get('name')} · torch {dev.get('torch')} · diffusers {dev.get('diffusers')}")
+    lines.append(f"model {report['model']['label']} · placement {(report.get('placement') or {}).get('name')} · "
+                 f"attention {att.get('backend')}/{att.get('masked_backend')} · compiled {acc.get('compiled')} · "
+                 f"fp8 {acc.get('fp8')}")
+    cs = report["cold_start"]
+    lines.append("cold start " + ", ".join(f"{k} {v}" for k, v in cs.items()))
+    fr = report["first_request"]
+    lines.append(f"first request after ready {fr['seconds']:.3f} s = {fr['ratio']:.2f}x warm (new prompt)")
+    for row in report["warm"]:
+        lines.append(f"warm {row['width']}x{row['height']} b{row['batch']} {row['steps']} steps, prompt "
+                     f"{row['prompt']}: median {row['median_s']:.3f} s "
+                     f"(min {row['min_s']:.3f}, max {row['max_s']:.3f})")
+    if "direct" in report:
+        lines.append(f"direct pipeline call median {report['direct']['median_s']:.3f} s · app overhead "
+                     f"{report['app_overhead_pct']:+.1f}% (PNG save {report.get('save_png_median_s')} s; "
+                     f"without it {report.get('app_overhead_without_png_pct')}%)")
+    mem = report["memory"]
+    err = mem["error_pct"]
+    lines.append(f"peak working {mem['peak_working_bytes'] / GiB:.2f} GB, predicted "
+                 f"{mem['predicted_bytes'] / GiB:.2f} GB" + ("" if err is None else f" ({err:+.1f}%)"))
+    bar = report["vram_bar"]["idle"]
+    if "diff_pct" in bar:
+        lines.append(f"VRAM bar used {bar['bar_used_bytes'] / GiB:.2f} GB vs NVML "
+                     f"{bar['nvml_used_bytes'] / GiB:.2f} GB "
+                     f"({bar['diff_pct']:+.2f}%); during a job max |diff| "
+                     f"{report['vram_bar'].get('during_job', {}).get('max_abs_diff_pct')}%")
+    if "sweep" in report:
+        s = report["sweep"]["summary"]
+        lines.append(f"sweep {s['shapes']} shapes: {s['admitted']} admitted, {s['refused']} refused, {s['ooms']} OOM, "
+                     f"max |error| {s['max_abs_error_pct']}%")
+    if "soak" in report:
+        s = report["soak"]
+        lines.append(f"soak {s['generations']} generations: reserved grew {s['growth_pct']}% after the first round")
+    if "idle_unload" in report:
+        s = report["idle_unload"]
+        lines.append(f"idle unload {s['unload_s']} s, reload {s['reload_s']} s, GPU used "
+                     f"{s['gpu_used_loaded_bytes'] / GiB:.2f} → {s['gpu_used_unloaded_bytes'] / GiB:.2f} GB")
+    if "latents" in report:
+        lines.append(f"latents {json.dumps(report['latents'])}")
+    if "baseline" in report:
+        b = report["baseline"]
+        lines.append(f"vanilla diffusers median {b['vanilla_median_s']:.3f} s → speedup "
+                     f"{b['speedup_same_prompt']:.2f}x (same prompt), {b['speedup_new_prompt']:.2f}x (new prompt)")
+    return lines
+
+
+def default_output_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="zimage-bench-"))
+
+
+def _finite(x: Any) -> Any:  # json.dumps refuses NaN only with allow_nan=False; keep reports strict JSON
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(_finite(report), indent=2, default=str, allow_nan=False)
