@@ -122,3 +122,16 @@ def test_idle_unload_then_reload_on_the_next_request(idle_engine):
     info = e.model_info()
     assert info["reloads"] == 1 and info["last_reload_seconds"] is not None
     assert e.generate(REQ, timeout=60).images  # and it keeps working
+
+
+def test_metrics_report_unload_and_reload(idle_engine):
+    from prometheus_client import generate_latest
+
+    from zimage_ui.service.metrics import ServiceMetrics
+
+    assert wait_for(lambda: idle_engine.reloads >= 1 or idle_engine.model_info()["unloaded"])
+    if idle_engine.reloads == 0:
+        idle_engine.generate(REQ, timeout=60)
+    text = generate_latest(ServiceMetrics(idle_engine).registry).decode()
+    assert "zimage_model_reloads_total" in text and "zimage_model_reload_seconds" in text
+    assert "zimage_model_unloaded" in text

@@ -77,6 +77,15 @@ class _EngineCollector(Collector):
                                 value=getattr(engine, "load_seconds", 0.0))
         yield GaugeMetricFamily("zimage_warmup_seconds", "Seconds the warm-up took.",
                                 value=getattr(engine, "warmup_seconds", 0.0))
+        yield GaugeMetricFamily("zimage_model_unloaded", "1 while the weights are unloaded after idle "
+                                "(idle_unload_minutes); the next request reloads them.",
+                                value=int(bool(getattr(engine, "unloaded", False))))
+        yield CounterMetricFamily("zimage_model_reloads", "Reloads after an idle unload.",
+                                  value=getattr(engine, "reloads", 0))
+        reload_s = getattr(engine, "last_reload_seconds", None)
+        if reload_s is not None:
+            yield GaugeMetricFamily("zimage_model_reload_seconds", "Seconds the last reload after an idle "
+                                    "unload took.", value=reload_s)
         runners = getattr(engine, "runners", {}) or {}
         yield CounterMetricFamily("zimage_oom_recovered", "Jobs that ran out of memory once and finished with "
                                   "the tiled retry.", value=sum(r.ooms_recovered for r in runners.values()))
