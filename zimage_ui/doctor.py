@@ -69,6 +69,29 @@ def _plan_section(settings: Settings) -> dict[str, Any]:
             **{f"option {i + 1}": line for i, line in enumerate(options)}}
 
 
+def _speed_section(settings: Settings) -> dict[str, Any]:
+    import torch
+
+    from .engine.acceleration import default_cache_dir, fp8_support
+
+    cache = settings.cache_dir or default_cache_dir()
+    calibrations = sorted(p.name for p in (cache / "estimator").glob("*.json"))  # empty when the folder is missing
+    rows: dict[str, Any] = {
+        "compile": "on (transformer blocks; first start ~1 min longer)" if settings.compile else "off",
+        "attention": settings.attention + (" (probed at start-up)" if settings.attention == "auto" else ""),
+        "placement": settings.placement,
+        "cache dir": str(cache),
+        "compiled kernels cached": (cache / "inductor").is_dir(),
+        "estimator calibrations": ", ".join(calibrations) or "none yet (made during the first warm-up)",
+    }
+    if torch.cuda.is_available():
+        ok, why = fp8_support(torch.device("cuda", torch.cuda.current_device()))
+        rows["fp8 mode"] = ("available" if ok else f"not available: {why}") + (" — on" if settings.fp8 else "")
+    else:
+        rows["fp8 mode"] = "not available: no CUDA GPU"
+    return rows
+
+
 def report(settings: Settings) -> dict[str, dict[str, Any]]:
     """Sections of facts for the doctor command (printed as text or JSON)."""
     return {
@@ -77,4 +100,5 @@ def report(settings: Settings) -> dict[str, dict[str, Any]]:
         "gpu": _gpu_section(settings),
         "model": _model_section(settings),
         "memory plan (1024², Turbo)": _plan_section(settings),
+        "speed": _speed_section(settings),
     }
