@@ -107,6 +107,22 @@ class LiveServer:
         return self.exit_code
 
 
+def held_demo_engine(settings: Settings) -> tuple[Any, threading.Event]:
+    """An engine whose demo-model load waits for the returned event: a test sees the server while it loads
+    (the demo model alone loads faster than a test's first poll)."""
+    from zimage_ui.engine.engine import Engine
+    from zimage_ui.models.loading import load_model
+    from zimage_ui.models.sources import resolve_model
+
+    release = threading.Event()
+
+    def load(settings: Settings, device: Any) -> Any:
+        assert release.wait(START_TIMEOUT_S), "the test never released the model load"
+        return load_model(resolve_model("demo").source, device=device)
+
+    return Engine(settings, loader=load), release
+
+
 class Gate:
     """A runner fault hook that holds the running job at its first step until released."""
 

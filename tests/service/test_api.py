@@ -16,15 +16,21 @@ from PIL import Image
 from zimage_ui.memory.probe import MemoryProbe, RawMemory
 from zimage_ui.validation import RunRequest
 
-from .helpers import Gate, LiveServer, demo_settings, statuses_until_ready, wait_until
+from .helpers import Gate, LiveServer, demo_settings, held_demo_engine, statuses_until_ready, wait_until
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = LiveServer(demo_settings(tmp_path_factory.mktemp("api"), max_queue=2, warmup=False), wait=False)
-    live.startup = statuses_until_ready(live.url, alive=lambda: live.exit_code is None)
+    settings = demo_settings(tmp_path_factory.mktemp("api"), max_queue=2, warmup=False)
+    engine, release_load = held_demo_engine(settings)
+    live = LiveServer(settings, wait=False, engine=engine)
+    wait_until(lambda: engine.state.value == "loading", what="engine loading")
+    held = httpx.get(f"{live.url}/readyz", timeout=10)
+    live.startup = [(held.status_code, held.json()["status"])]
+    release_load.set()
+    live.startup += statuses_until_ready(live.url, alive=lambda: live.exit_code is None)
     yield live
     assert live.stop() == 0
 
@@ -62,7 +68,7 @@ def png_parameters(data: bytes) -> str:
 def test_not_ready_while_loading_but_alive(server):
     # /healthz answered throughout (checked while polling); /readyz said why it was not ready yet
     codes = [code for code, _ in server.startup]
-    assert codes[-1] == 200 and codes[0] == 503, server.startup
+    assert server.startup[0] == (503, "loading") and codes[-1] == 200, server.startup
     assert {status for code, status in server.startup if code == 503} <= {"new", "loading", "warming"}
 
 
