@@ -253,10 +253,10 @@ def _load_demo(source: ModelSource, dev: torch.device, dt: torch.dtype,
         pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    # Module by module rather than pipe.to(dev, dt): diffusers warns about casting a whole pipeline with .to(dtype)
-    # (nothing in these models must stay float32, so the warning is noise).
+    # torch's own Module.to, not diffusers' override: that one warns on every dtype cast about modules to keep in
+    # float32, even when (as here) there are none, and the warning lands on every CLI user's terminal.
     for name in ("transformer",) if share_from is not None else _WEIGHT_COMPONENTS:
-        getattr(pipe, name).to(dev, dt)
+        torch.nn.Module.to(getattr(pipe, name), dev, dt)
     _sync(dev)
     return LoadedModel(pipe, source, dev, dt, load_seconds, time.perf_counter() - t0)
 
