@@ -26,6 +26,7 @@ from zimage_ui.memory.probe import (
     MemorySnapshot,
     RawMemory,
     compose_snapshot,
+    device_totals,
     make_probe,
     weights_on_device,
 )
@@ -438,3 +439,56 @@ def test_module_docstring_examples_run(module):
     assert mod.__doc__ and ">>>" in mod.__doc__
     result = doctest.testmod(mod)
     assert result.failed == 0
+
+
+# Readings of one H100 80GB HBM3 (docs/benchmarks-data/C/ours.json, "vram_bar.idle"): the runtime's total is
+# 480 MiB below NVML's, free is the same number in both.
+H100_RUNTIME_TOTAL, H100_FREE = 85_017_493_504, 17_523_998_720
+H100_NVML_TOTAL, H100_NVML_USED = 85_520_809_984, 67_996_811_264
+
+
+def test_bar_used_is_nvml_used_when_nvml_describes_the_device(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (H100_FREE, H100_RUNTIME_TOTAL))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 20_774_090_752)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 66_683_142_144)
+    monkeypatch.setattr(nvml, "device_memory", lambda i: (H100_NVML_TOTAL, H100_NVML_USED))
+    monkeypatch.setattr(nvml, "process_used_bytes", lambda i, pid=None: H100_NVML_USED)
+    snap = MemoryProbe(CudaMemorySource(0), lambda: 20_522_393_542).snapshot()
+    assert_partition(snap)
+    assert snap.total_bytes == H100_NVML_TOTAL and snap.used_bytes == H100_NVML_USED  # what nvidia-smi shows
+    assert snap.free_bytes == H100_FREE  # still what an allocation meets
+    # the driver's reserve is drawn as "other", beside our CUDA context
+    assert snap.other_bytes == H100_NVML_USED - 66_683_142_144
+
+
+def test_device_totals_keeps_the_runtime_view_when_nvml_does_not_fit():
+    # a MIG slice or another GPU's handle: NVML's total is far from the runtime's
+    assert device_totals(20 * GB, 5 * GB, {"device_total_bytes": 80 * GB, "device_used_bytes": 60 * GB}) == (
+        20 * GB, 15 * GB)
+    assert device_totals(20 * GB, 5 * GB, {"device_total_bytes": 19 * GB, "device_used_bytes": 14 * GB}) == (
+        20 * GB, 15 * GB)
+    assert device_totals(20 * GB, 5 * GB, {"device_total_bytes": None, "device_used_bytes": None}) == (20 * GB, 15 * GB)
+
+
+def test_device_totals_never_shows_more_free_than_the_runtime_has():
+    # NVML's used taken a moment before an allocation: free stays at the runtime's figure
+    total, used = device_totals(H100_RUNTIME_TOTAL, H100_FREE, {"device_total_bytes": H100_NVML_TOTAL,
+                                                               "device_used_bytes": H100_NVML_USED - GB})
+    assert (total, total - used) == (H100_NVML_TOTAL, H100_FREE)
+
+
+def test_reconciled_bar_matches_nvml_in_every_recorded_h100_reading():
+    # every idle reading the GPU runs recorded (docs/benchmarks.md): the segments the bar drew then (runtime view),
+    # and NVML's figures taken beside them
+    readings = []
+    for path in sorted((REPO / "docs" / "benchmarks-data").glob("*/*.json")):
+        idle = json.loads(path.read_text()).get("vram_bar", {}).get("idle")
+        if idle and idle.get("nvml_used_bytes"):
+            readings.append(idle)
+    assert len(readings) >= 10
+    for idle in readings:
+        runtime_total, runtime_free = sum(idle["segments"].values()), idle["segments"]["free"]
+        assert idle["bar_used_bytes"] != idle["nvml_used_bytes"]  # the old arithmetic missed the driver's reserve
+        nvml_facts = {"device_total_bytes": idle["nvml_total_bytes"], "device_used_bytes": idle["nvml_used_bytes"]}
+        total, used = device_totals(runtime_total, runtime_free, nvml_facts)
+        assert (total, used) == (idle["nvml_total_bytes"], idle["nvml_used_bytes"])

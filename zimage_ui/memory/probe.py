@@ -22,16 +22,19 @@ cache     ``memory_reserved − memory_allocated``:      0
           held by PyTorch's caching allocator, free
           for our next allocation
 other     device used − ``memory_reserved``: our own   RAM used (total − available) − weights −
-          CUDA context/cuBLAS workspaces *and* other   working: other processes, and our interpreter
-          processes (NVML splits the two when it can)  and libraries
+          CUDA context/cuBLAS workspaces, the          working: other processes, and our interpreter
+          driver's reserve *and* other processes       and libraries
+          (NVML splits them when it can)
 free      the rest (= ``mem_get_info`` free)           the rest (≈ ``psutil`` available)
 ========  ===========================================  ================================================
 
-"Device used" is ``total − free`` from ``torch.cuda.mem_get_info``: the allocator's own view, with ``total`` from the
-same call, so the bar's total and free agree with what an allocation will meet. NVML's figures (device used, this
-process's usage, driver) ride along in ``snapshot.nvml`` when NVML works; they refine the *split* of ``other``
-(``context_bytes`` vs ``other_processes_bytes``) but never the bar. We deliberately count our CUDA context in
-``other`` rather than leaving it out: leaving it out would paint ~0.5 GB that is not allocatable as ``free``.
+"Device total" and "device used" are NVML's when NVML works (what ``nvidia-smi`` shows), else ``total − free`` from
+``torch.cuda.mem_get_info``. The two agree on *free* but not on *total*: the CUDA runtime leaves out memory the
+driver keeps for itself (480 MiB on the H100s we measured, in every reading: docs/benchmarks.md), so a bar built on
+``mem_get_info`` alone sat a constant 0.47 GiB below ``nvidia-smi`` — 6% of the used figure on a small budget.
+``device_totals`` reconciles them: NVML's total and used, with ``free`` never above what ``mem_get_info`` says an
+allocation will meet; the driver's share lands in ``other``. NVML's per-process figures ride along in
+``snapshot.nvml`` and split ``other`` (``context_bytes`` vs ``other_processes_bytes``) for whoever reads it.
 
 Segments are clamped in bar order — weights, working, cache, other — each to ``[0, what is left of total]``, and
 ``free`` takes the remainder, so they always sum exactly to ``total_bytes`` and none is negative; inconsistent
@@ -190,13 +193,14 @@ class CudaMemorySource:
         if self._name is None:
             self._name = torch.cuda.get_device_name(self.index)
         process_used, nvml_facts = self._nvml_facts(reserved)
+        total, used = device_totals(int(total), int(free), nvml_facts)
         return RawMemory(
             kind="cuda",
             name=self._name,
-            total=int(total),
+            total=total,
             allocated=int(allocated),
             reserved=int(reserved),
-            device_used=int(total - free),
+            device_used=used,
             peak_allocated=int(peak),
             process_used=process_used,
             nvml=nvml_facts,
@@ -227,6 +231,26 @@ class CudaMemorySource:
     def reset_peak(self) -> None:
         """``torch.cuda.reset_peak_memory_stats`` for this device."""
         torch.cuda.reset_peak_memory_stats(self.index)
+
+
+def device_totals(runtime_total: int, runtime_free: int, nvml_facts: dict[str, Any] | None) -> tuple[int, int]:
+    """``(total, used)`` for the bar from ``mem_get_info``'s figures and NVML's (see the module docstring).
+
+    NVML's are used when they describe this device: its total at least the runtime's and at most 5% above it (a MIG
+    slice, or a handle for another GPU, fails this and keeps the runtime's view). ``used`` is never below
+    ``total − runtime_free``, so the bar never shows more free memory than an allocation would find.
+
+    >>> device_totals(85_017_493_504, 17_523_998_720, {"device_total_bytes": 85_520_809_984,
+    ...                                                "device_used_bytes": 67_996_811_264})
+    (85520809984, 67996811264)
+    >>> device_totals(80, 30, None)
+    (80, 50)
+    """
+    nvml_total = (nvml_facts or {}).get("device_total_bytes")
+    nvml_used = (nvml_facts or {}).get("device_used_bytes")
+    if nvml_total is None or nvml_used is None or not runtime_total <= nvml_total <= runtime_total * 1.05:
+        return runtime_total, runtime_total - runtime_free
+    return int(nvml_total), max(int(nvml_used), int(nvml_total) - runtime_free)
 
 
 class CpuMemorySource:
