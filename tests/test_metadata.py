@@ -1,10 +1,14 @@
+import io
+import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, PngImagePlugin
 
-from zimage_ui.metadata import read_metadata, save_png, write_atomic
+from zimage_ui.metadata import encode_png, png_info, read_metadata, save_png, write_atomic
 from zimage_ui.validation import RunRequest
 
 
@@ -28,3 +32,44 @@ def test_a_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(TypeError):
         write_atomic(target, None)  # type: ignore[arg-type]
     assert not target.exists() and os.listdir(tmp_path) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(mode=st.sampled_from(["L", "RGB", "RGBA"]), width=st.integers(1, 40), height=st.integers(1, 40),
+       seed=st.integers(0, 2**32 - 1))
+def test_encoded_png_decodes_to_the_same_pixels(mode, width, height, seed):
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    image = Image.fromarray(pixels, mode)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red circle")
+    data = encode_png(image, info)
+    with Image.open(io.BytesIO(data)) as check:
+        check.verify()  # chunk CRCs and structure
+    with Image.open(io.BytesIO(data)) as back:
+        assert back.mode == mode and back.size == (width, height)
+        assert np.array_equal(np.asarray(back), pixels)
+        assert back.text["parameters"] == "a red circle"
+
+
+def test_encoded_png_is_compressed_and_keeps_every_chunk():
+    req = RunRequest("桜の下の猫", "", "turbo", 8, 0.0, 512, 512, 3, 1)
+    ramp = np.linspace(0, 255, 512, dtype=np.float32)
+    smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (512, 1)), np.full((512, 512), 40.0)], axis=-1)
+    image = Image.fromarray(smooth.astype(np.uint8))
+    data = encode_png(image, png_info(req, seed=3, model="demo"))
+    assert len(data) < 0.2 * 512 * 512 * 3  # deflate did its job on a smooth image
+    with Image.open(io.BytesIO(data)) as back:
+        assert back.text["parameters"].startswith("桜の下の猫\nSteps: 8")  # non-latin text goes into iTXt
+        assert json.loads(back.text["zimage"])["seed"] == 3
+        assert np.array_equal(np.asarray(back), np.asarray(image))
+
+
+def test_other_modes_go_through_pil():
+    image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("P")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "p")
+    with Image.open(io.BytesIO(encode_png(image, info))) as back:
+        assert back.mode == "P" and back.text["parameters"] == "p"
+        assert np.array_equal(np.asarray(back.convert("L")), np.asarray(image.convert("L")))
