@@ -9,8 +9,7 @@
     >>> plan(DeviceFacts("cuda", "L4 (capped)", 24 * GiB, True, budget_bytes=12 * GiB), est).chosen.name
     'fp8-storage'
 
-Placements, in order of preference (the first that fits is chosen; each keeps the transformer on the GPU longer
-than the next):
+Placements, fastest first (the plan chooses the fastest predicted placement that fits; the list order breaks ties):
 
 - ``resident``: everything on the GPU (19.28 GB measured on the H200).
 - ``text-encoder-offload``: the Qwen3 text encoder (7.49 GB) stays in CPU RAM and is *streamed* to the GPU block by
@@ -21,10 +20,12 @@ than the next):
 - ``fp8-storage``: as above, plus the transformer stored in float8_e4m3fn and upcast layer by layer to bf16
   (``enable_layerwise_casting``): 11.46 → 5.74 GB. Needs compute capability ≥ 8.9. Listed after text-encoder
   offload and combined with it, because fp8 alone (5.74 + 7.49 GB) needs more memory than text-encoder offload.
-- ``model-offload``: ``enable_model_cpu_offload()``: one whole component on the GPU at a time.
 - ``sequential-offload``: the transformer and text encoder streamed block by block (diffusers group offloading on
   a side stream; the engine uses it instead of ``enable_sequential_cpu_offload()``, which moves every leaf
-  synchronously).
+  synchronously). Smallest, and 3.2 s an image on an H100 — faster than model offload, so chosen before it.
+- ``model-offload``: ``enable_model_cpu_offload()``: one whole component on the GPU at a time (what z-image-studio
+  does on CUDA): 16 s an image on the H200, and it needs the whole transformer's 11.5 GB while denoising. Never the
+  plan's choice while sequential offload exists; kept for ``--placement model-offload``.
 
 A placement fits when ``predicted peak + CUDA context + margin ≤ budget``, the budget being ``min(total,
 budget_bytes)``. The predicted peak is the largest, over the encode, denoise and decode phases, of the weights on
@@ -38,14 +39,13 @@ placement             kept on   peak       needs  chosen at
 resident              19.28 GB  21.7 dec.  22.9   80 and 24 GB
 text-encoder-offload  11.79 GB  14.2 dec.  15.4   16 GB
 fp8-storage            6.07 GB   8.5 dec.   9.7   12 GB (needs fp8); at 8 GB it is 1.7 GB short
-model-offload          0.17 GB  12.1 den.  13.3   13.3-15.4 GB without fp8: the whole bf16 transformer
-                                                  (11.46 GB) sits on the GPU while denoising
-sequential-offload     0.17 GB   2.6 dec.   3.8   8 GB, and 12 GB without fp8 (decode's working memory rules)
+sequential-offload     0.17 GB   2.6 dec.   3.8   8 GB, and up to 15.4 GB without fp8
+model-offload          0.17 GB  12.1 den.  13.3   never (slower than sequential offload, and larger)
 ====================  ========  =========  =====  =======================================================
 
-Latencies are *priors* for an H200 at 1024², Turbo (8 passes), eager, from the project's figures; nothing here
-scales them to another GPU, since we can't measure that from facts alone. ``latency_basis`` says which are
-measured, estimated or guessed.
+Latencies are *priors* for an H100/H200 at 1024², Turbo (8 passes), new prompt, from measured figures
+(docs/benchmarks.md, "VRAM budgets"); nothing here scales them to another GPU, since we can't measure that from
+facts alone. ``latency_basis`` says where each comes from.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import torch
 
 from zimage_ui.memory.estimator import DEFAULT_MARGIN_BYTES, GiB, MiB, WorkingMemoryEstimator, WorkShape
 
-PLACEMENTS = ("resident", "text-encoder-offload", "fp8-storage", "model-offload", "sequential-offload")
+PLACEMENTS = ("resident", "text-encoder-offload", "fp8-storage", "sequential-offload", "model-offload")
 
 # A torch CUDA context with lazy module loading, plus cuBLAS workspaces: ~0.5 GB on Hopper (our estimate; SEEDS
 # 000/001 saw 1.0 GB "idle" on a 4090D via nvidia-smi). Replace with a measured figure via DeviceFacts.overhead_bytes.
@@ -67,12 +67,12 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 # 512 x 2560 bf16 = 97 MB, plus MLP temporaries (3 x 512 x 9728 bf16 = 30 MB). Doubled with CFG.
 ENCODE_WORKING_BYTES_PER_PROMPT = 37 * 512 * 2560 * 2 + 3 * 512 * 9728 * 2
 
-# Latency priors, seconds, H200, 1024², 8 passes (shared/reference/zimage.md and the project brief).
-RESIDENT_LATENCY_S = 1.31  # measured, eager (0.93 s with compile_repeated_blocks)
-TEXT_ENCODER_STREAM_S = 0.55  # estimate: 7.5 GB over PCIe at ~14-19 GB/s = 0.4-0.7 s; midpoint
-FP8_SLOWDOWN = 1.10  # estimate: per-layer fp8 → bf16 upcast, ~+10%
-MODEL_OFFLOAD_LATENCY_S = 16.0  # measured (H200, per the project brief)
-SEQUENTIAL_OFFLOAD_LATENCY_S = 60.0  # guess: every leaf module crosses PCIe on every pass
+# Latency priors, seconds, 1024², 8 passes, a new prompt (docs/benchmarks.md, run B unless noted).
+RESIDENT_LATENCY_S = 1.31  # vanilla diffusers, eager, H200 (shared/reference/zimage.md); 0.93 s compiled
+TEXT_ENCODER_STREAM_S = 0.75  # H100: new prompt 1.927 s streamed vs 1.188 s resident, both compiled
+FP8_SLOWDOWN = 1.25  # H100, eager, same prompt: 1.911 s fp8 storage (run B) vs 1.525 s resident (run D)
+MODEL_OFFLOAD_LATENCY_S = 16.0  # enable_model_cpu_offload(), H200 (the issue's figure)
+SEQUENTIAL_OFFLOAD_LATENCY_S = 3.2  # H100, group offloading, eager: 3.212 s new prompt
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ def _cuda_placements(sizes: ComponentSizes, estimator: WorkingMemoryEstimator, s
             RESIDENT_LATENCY_S,
             "all components on the GPU",
             ("pipe.to('cuda')",),
-            "measured H200 eager; 0.93 s compiled",
+            "H200 measured, eager; 0.93 s compiled",
         ),
         Placement(
             "text-encoder-offload",
@@ -272,7 +272,7 @@ def _cuda_placements(sizes: ComponentSizes, estimator: WorkingMemoryEstimator, s
             RESIDENT_LATENCY_S + TEXT_ENCODER_STREAM_S,
             "transformer + VAE on the GPU; text encoder in CPU RAM, streamed layer by layer to encode",
             ("pipe.transformer.to('cuda')", "pipe.vae.to('cuda')", *stream),
-            "H200 resident measured + 0.55 s PCIe stream estimated",
+            "H200 resident + 0.75 s stream, measured",
         ),
     ]
     if fp8 is not None:
@@ -292,22 +292,10 @@ def _cuda_placements(sizes: ComponentSizes, estimator: WorkingMemoryEstimator, s
                     "pipe.vae.to('cuda')",
                     *stream,
                 ),
-                "H200 resident measured x1.10 estimated + 0.55 s PCIe stream estimated",
+                "H200 resident x1.25 + 0.75 s stream, measured",
             )
         )
     placements += [
-        Placement(
-            "model-offload",
-            sizes.extra_bytes,
-            _peak(
-                sizes.extra_bytes,
-                [(sizes.text_encoder_bytes, encode), (sizes.transformer_bytes, denoise), (sizes.vae_bytes, decode)],
-            ),
-            MODEL_OFFLOAD_LATENCY_S,
-            "each component moves to the GPU when called and back when the next is",
-            ("pipe.enable_model_cpu_offload()",),
-            "measured H200",
-        ),
         Placement(
             "sequential-offload",
             sizes.extra_bytes,
@@ -328,7 +316,19 @@ def _cuda_placements(sizes: ComponentSizes, estimator: WorkingMemoryEstimator, s
                 *stream,
                 "pipe.vae.to('cuda')",
             ),
-            "guess",
+            "H100 measured",
+        ),
+        Placement(
+            "model-offload",
+            sizes.extra_bytes,
+            _peak(
+                sizes.extra_bytes,
+                [(sizes.text_encoder_bytes, encode), (sizes.transformer_bytes, denoise), (sizes.vae_bytes, decode)],
+            ),
+            MODEL_OFFLOAD_LATENCY_S,
+            "each component moves to the GPU when called and back when the next is",
+            ("pipe.enable_model_cpu_offload()",),
+            "H200 measured",
         ),
     ]
     return placements
@@ -379,7 +379,8 @@ def plan(
         possible.append(options[-1])
     fitting = [o for o in possible if o.fits]
     if fitting:
-        return PlanResult(fitting[0].placement, True, budget, shape, margin_bytes, overhead, tuple(options))
+        fastest = min(fitting, key=lambda o: (o.placement.predicted_latency_s or float("inf"), fitting.index(o)))
+        return PlanResult(fastest.placement, True, budget, shape, margin_bytes, overhead, tuple(options))
     smallest = min(possible, key=lambda o: o.need_bytes)
     return PlanResult(smallest.placement, False, budget, shape, margin_bytes, overhead, tuple(options))
 
