@@ -22,7 +22,7 @@ def report(tmp_path_factory):
     (tmp / "vanilla.jsonl").write_text(VANILLA)
     settings = Settings(model="demo", output_dir=tmp / "out", cache_dir=tmp / "cache")
     options = BenchOptions(runs=2, width=256, height=256, sweep=True, sides=(256, 320), batches=(1, 2), soak=3,
-                           idle_test=True, latents=tmp / "latents.pt", baseline=tmp / "vanilla.jsonl",
+                           idle_test=True, http=True, latents=tmp / "latents.pt", baseline=tmp / "vanilla.jsonl",
                            out=tmp / "report.json")
     first = run_bench(settings, options)
     second = run_bench(settings, BenchOptions(runs=1, width=256, height=256, quick=True, latents=tmp / "latents.pt"))
@@ -65,6 +65,21 @@ def test_soak_idle_and_baseline(report):
     b = r["baseline"]
     assert b["vanilla_median_s"] == 2.0 and b["speedup_same_prompt"] == pytest.approx(2.0 / b["ours_median_s"],
                                                                                       rel=1e-2)
+
+
+def test_http_path_is_timed_through_the_rest_service(report):
+    r, _, tmp = report
+    http = r["http"]
+    for key in ("new_prompt", "same_prompt"):
+        assert http[key]["runs"] == 2 and 0 < http[key]["min_s"] <= http[key]["median_s"] <= http[key]["max_s"]
+    assert http["png_bytes"] > 1000 and isinstance(http["overhead_pct"], float)
+    assert r["baseline"]["speedup_http_new_prompt"] == pytest.approx(2.0 / http["new_prompt"]["median_s"], rel=1e-2)
+    # the real service path: its history database got a row for every answered request
+    import sqlite3
+
+    with sqlite3.connect(tmp / "out" / "history.sqlite3") as db:
+        assert db.execute("select count(*) from generations").fetchone()[0] >= 5
+    assert any(line.startswith("HTTP POST /api/v1/generate") for line in summary_lines(r))
 
 
 def test_latents_are_saved_then_compared(report):

@@ -12,6 +12,8 @@ What it measures, in one process (see docs/benchmarks.md for figures and the exa
 - a **direct pipeline call** on the same pipeline (what a script would do) and so the **app overhead** of the
   engine's path: validation, queue, progress callbacks, PNG encode with metadata, atomic file write;
 - **peak working memory** and the estimator's prediction for it; the VRAM bar's segments against NVML;
+- optionally the **HTTP path** (``--http``): the REST service on a loopback port over the same engine, timed from
+  the client's side — POST /api/v1/generate to the last byte of the PNG answer — against the direct call;
 - optionally the estimator **sweep** (``--sweep``: 512²–2048² × batch 1–4, through admission, so a refused request
   is counted as refused and an admitted one that runs out of memory as an OOM), a VRAM **soak** (``--soak N``),
   **idle unload** and reload (``--idle-test``), final latents for an fp8-vs-bf16 **cosine** (``--latents FILE``),
@@ -73,6 +75,7 @@ class BenchOptions:
     soak: int = 0
     idle_test: bool = False
     components: bool = False
+    http: bool = False
     quick: bool = False  # skip the direct pipeline call and the VRAM-bar sampling (budget runs)
     latents: Path | None = None
     baseline: Path | None = None
@@ -279,6 +282,55 @@ def _idle_test(engine: Any, raw: dict[str, Any]) -> dict[str, Any]:
             "gpu_used_loaded_bytes": before.total_bytes - before.free_bytes,
             "gpu_used_unloaded_bytes": after.total_bytes - after.free_bytes,
             "nvml_used_unloaded_bytes": (after.nvml or {}).get("device_used_bytes")}
+
+
+def _http(engine: Any, base: dict[str, Any], runs: int) -> dict[str, Any]:
+    """The REST service (no web UI: it is not on this path) on a loopback port over ``engine``; client-side
+    seconds from POST /api/v1/generate to the whole PNG answer, new prompt each run, then the same prompt."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from .service.app import create_app
+
+    app = create_app(engine.settings, engine, ui=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # without it asyncio leaves Nagle on for a socket it did not create, and a small answer waits ~40 ms for an ACK
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bench-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the bench's HTTP server did not start")
+            time.sleep(0.02)
+        out: dict[str, Any] = {"url": url}
+        with httpx.Client(base_url=url, timeout=3600) as client:
+
+            def post(prompt: str, seed: int) -> float:
+                t0 = time.perf_counter()
+                answer = client.post("/api/v1/generate", json={**base, "prompt": prompt, "seed": seed})
+                seconds = time.perf_counter() - t0
+                if answer.status_code != 200 or answer.headers.get("content-type") != "image/png":
+                    raise RuntimeError(f"POST /api/v1/generate answered {answer.status_code}: {answer.text[:300]}")
+                out["png_bytes"] = len(answer.content)
+                return seconds
+
+            post(bench_prompt(599), 599)  # the first request on a new connection and route
+            out["new_prompt"] = _stats([post(bench_prompt(600 + i), 600 + i) for i in range(runs)])
+            out["same_prompt"] = _stats([post(bench_prompt(200), 700 + i) for i in range(runs)])
+        return out
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        history = app.state.history
+        if history is not None:
+            history.close()
 
 
 def _cuda_ms(fn, repeats: int = 5) -> float:
@@ -497,6 +549,12 @@ def _programme(engine: Any, options: BenchOptions, wall_ready: float) -> dict[st
             _progress(report, options, "soak")
     finally:
         engine.settings.save_images = saving
+    if options.http:
+        report["http"] = _http(engine, base, options.runs)
+        if "direct" in report:
+            report["http"]["overhead_pct"] = round(
+                100.0 * (report["http"]["new_prompt"]["median_s"] / report["direct"]["median_s"] - 1), 2)
+        _progress(report, options, "HTTP path")
     if options.idle_test:
         report["idle_unload"] = _idle_test(engine, {**base, "prompt": bench_prompt(200), "seed": 9})
     if options.baseline is not None:
@@ -506,6 +564,11 @@ def _programme(engine: Any, options: BenchOptions, wall_ready: float) -> dict[st
                               "ours_median_s": report["warm"][1]["median_s"],
                               "speedup_same_prompt": round(run["median_s"] / report["warm"][1]["median_s"], 3),
                               "speedup_new_prompt": round(run["median_s"] / warm_new["median_s"], 3)}
+        if "http" in report:
+            report["baseline"]["speedup_http_same_prompt"] = round(
+                run["median_s"] / report["http"]["same_prompt"]["median_s"], 3)
+            report["baseline"]["speedup_http_new_prompt"] = round(
+                run["median_s"] / report["http"]["new_prompt"]["median_s"], 3)
     report["prompt_cache"] = engine.model_info()["prompt_cache"]
     _progress(report, options, "all")
     return report
@@ -553,6 +616,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"direct pipeline call median {report['direct']['median_s']:.3f} s · app overhead "
                      f"{report['app_overhead_pct']:+.1f}% (PNG save {report.get('save_png_median_s')} s; "
                      f"without it {report.get('app_overhead_without_png_pct')}%)")
+    if "http" in report:
+        h = report["http"]
+        lines.append(f"HTTP POST /api/v1/generate median {h['new_prompt']['median_s']:.3f} s new prompt, "
+                     f"{h['same_prompt']['median_s']:.3f} s same prompt (PNG {h['png_bytes'] / 1024:.0f} KB)"
+                     + (f" · {h['overhead_pct']:+.1f}% over the direct call" if "overhead_pct" in h else ""))
     mem = report["memory"]
     err = mem["error_pct"]
     lines.append(f"peak working {mem['peak_working_bytes'] / GiB:.2f} GB, predicted "
@@ -579,7 +647,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if "baseline" in report:
         b = report["baseline"]
         lines.append(f"vanilla diffusers median {b['vanilla_median_s']:.3f} s → speedup "
-                     f"{b['speedup_same_prompt']:.2f}x (same prompt), {b['speedup_new_prompt']:.2f}x (new prompt)")
+                     f"{b['speedup_same_prompt']:.2f}x (same prompt), {b['speedup_new_prompt']:.2f}x (new prompt)"
+                     + (f"; over HTTP {b['speedup_http_same_prompt']:.2f}x / {b['speedup_http_new_prompt']:.2f}x"
+                        if "speedup_http_new_prompt" in b else ""))
     return lines
 
 

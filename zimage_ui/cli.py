@@ -186,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         synthetic=args.synthetic, synthetic_scale=args.synthetic_scale, preset=args.preset, width=args.width,
         height=args.height, batch=args.batch,
         runs=args.runs, steps=args.steps, sweep=args.sweep, sweep_steps=args.sweep_steps, soak=args.soak,
-        idle_test=args.idle_test, components=args.components,
+        idle_test=args.idle_test, components=args.components, http=args.http,
         quick=args.quick, latents=Path(args.latents) if args.latents else None,
         baseline=Path(args.baseline) if args.baseline else None,
         save_synthetic=Path(args.save_synthetic) if args.save_synthetic else None,
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--soak", type=int, default=0, metavar="N", help="N generations at mixed sizes: VRAM growth")
     bench.add_argument("--idle-test", action="store_true", help="unload as when idle, then time the reload")
     bench.add_argument("--quick", action="store_true", help="skip the direct pipeline call and VRAM-bar sampling")
+    bench.add_argument("--http", action="store_true",
+                       help="also time POST /api/v1/generate on the REST service (loopback), PNG answer included")
     bench.add_argument("--components", action="store_true",
                        help="time prompt encode, VAE decode (eager / compiled / channels-last) and PIL conversion")
     bench.add_argument("--latents", metavar="FILE",
