@@ -287,18 +287,14 @@ def _idle_test(engine: Any, raw: dict[str, Any]) -> dict[str, Any]:
 def _http(engine: Any, base: dict[str, Any], runs: int) -> dict[str, Any]:
     """The REST service (no web UI: it is not on this path) on a loopback port over ``engine``; client-side
     seconds from POST /api/v1/generate to the whole PNG answer, new prompt each run, then the same prompt."""
-    import socket
-
     import httpx
     import uvicorn
 
     from .service.app import create_app
+    from .service.server import loopback_socket
 
     app = create_app(engine.settings, engine, ui=False)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # without it asyncio leaves Nagle on for a socket it did not create, and a small answer waits ~40 ms for an ACK
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bench-http", daemon=True)

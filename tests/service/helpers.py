@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from zimage_ui.service.server import Service
+from zimage_ui.service.server import Service, loopback_socket
 from zimage_ui.settings import Settings
 
 START_TIMEOUT_S = 120  # a loaded CI machine imports torch and builds the demo model slowly
@@ -22,13 +22,7 @@ START_TIMEOUT_S = 120  # a loaded CI machine imports torch and builds the demo m
 
 def free_socket() -> socket.socket:
     """A listening-ready socket on a free loopback port (bound now, so no other test can take the port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # accepted sockets inherit this; without it asyncio leaves Nagle on for a socket it did not create,
-    # and every small answer waits ~40 ms for a delayed ACK
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
+    return loopback_socket()
 
 
 def free_port() -> int:
