@@ -51,6 +51,18 @@ def open_page(browser, page_url):
         context.close()
 
 
+def set_number(page, selector: str, value: str) -> None:
+    """Type ``value`` into a number box and leave it. A box inside an accordion that has just opened can still be
+    mounting, and the component then puts its own value back over what was typed: type again until it stays."""
+    for _ in range(20):
+        page.fill(selector, value)
+        page.press(selector, "Tab")
+        page.wait_for_timeout(100)
+        if page.input_value(selector) == value:
+            return
+    raise AssertionError(f"{selector} would not keep {value!r}")
+
+
 def bar_state(page) -> str:
     return page.get_attribute("#vram-bar", "data-state")
 
@@ -75,8 +87,7 @@ def test_generate_in_the_browser_with_a_clamp_shown_before_queueing(open_page):
     page = open_page()
     page.fill("#prompt textarea", "a lighthouse on a cliff at dusk")
     page.click("#advanced button")  # open the accordion
-    page.fill("#steps input", "30")
-    page.press("#steps input", "Tab")
+    set_number(page, "#steps input", "30")
     page.wait_for_selector("#zi-notice:has-text('steps 30 → 16 (turbo allows 1–16)')", timeout=10_000)
     page.click("#generate-btn")
     page.wait_for_selector("#zi-notice:has-text('Adjusted before queueing')", timeout=10_000)
@@ -91,8 +102,7 @@ def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, de
         page = open_page()
         page.click("#size-class label:has-text('1536')")
         page.click("#advanced button")
-        page.fill("#batch input[type=number]", "4")
-        page.press("#batch input[type=number]", "Tab")
+        set_number(page, "#batch input[type=number]", "4")
         page.wait_for_selector("#vram-bar[data-state=over]", timeout=10_000)
         page.wait_for_function("() => document.querySelector('#generate-btn').disabled", timeout=10_000)
         message = page.inner_text(".zb-msg")
@@ -104,8 +114,7 @@ def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, de
         page.wait_for_timeout(1200)
         assert bar_state(page) == "over"
         page.click("#size-class label:has-text('512')")
-        page.fill("#batch input[type=number]", "1")
-        page.press("#batch input[type=number]", "Tab")
+        set_number(page, "#batch input[type=number]", "1")
         page.wait_for_selector("#vram-bar[data-state=ok]", timeout=10_000)
         page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=10_000)
 
