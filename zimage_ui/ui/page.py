@@ -258,8 +258,10 @@ class Page:
         self.gpu_history.sample()
         out: dict[Any, Any] = {w.vram: bar, w.generate: gr.update(interactive=enabled),
                                w.gpu: render_gpu_panel(self.gpu_history, lang)}
-        if self.engine.ready and not values.get(w.ready_seen):
-            # the tab opened while the model was loading: fill in what depends on it and say it is ready
+        if self.engine.ready and values.get(w.ready_seen) is False:
+            # the tab opened while the model was loading (its load handler said so): fill in what depends on it
+            # and say it is ready. Not while the load handler's answer is still on its way (None): a tick sent
+            # then would reset a size the user picked in the meantime to the default.
             merge_updates(out, self.model_updates(lang, fill_size=True))
             out[w.status] = self.idle_status(lang)
         elif not self.engine.ready:
@@ -279,6 +281,8 @@ class Page:
             merge_updates(out, self.model_updates(lang, fill_size=True))
             preset = self._default_preset()
             values.update({w.width: preset.width, w.height: preset.height})
+        else:
+            out[w.ready_seen] = False  # the first tick after the model is ready fills in the rest
         merge_updates(out, self.on_tick(values))
         out[w.status] = self.idle_status(lang)
         return out
@@ -618,7 +622,7 @@ class Page:
                 with gr.Accordion(t(lang, "gpu_title"), open=False, elem_id="gpu-panel") as gpu_accordion:
                     gpu = gr.HTML(render_gpu_panel(self.gpu_history, lang), elem_id="gpu-stats")
             gallery_state = gr.State([])
-            ready_seen = gr.State(False)
+            ready_seen = gr.State(None)  # None until the load handler answers; False: opened while loading
             last_active = gr.State(None)
             self.w = Widgets(lang=lang_radio, title=title, banner=banner, vram=vram, prompt=prompt,
                                  negative=negative, preset=preset_radio, preset_info=preset_info, aspect=aspect,
