@@ -24,7 +24,7 @@ _SETTING_FLAGS = ("model", "model_dir", "base_model", "device", "dtype", "preset
                   "auth_file", "open_health", "cors_origins", "rate_limit_per_minute", "watchdog_seconds",
                   "grace_seconds", "history_db", "ui_gallery_max", "kiosk_idle_seconds",
                   "compile", "compile_vae", "attention", "fp8", "placement", "prompt_cache_size",
-                  "idle_unload_minutes", "cache_dir")
+                  "idle_unload_minutes", "cache_dir", "keep_cache")
 
 # Flags that only mean something to a running server.
 _SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_health", "cors_origins",
@@ -290,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zimage-ui`` console script."""
+    from .memory.allocator import configure
     from .settings import SettingsError
 
+    configure()  # expandable segments unless the user set the allocator up: before anything initialises CUDA
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -76,7 +76,11 @@ def _speed_section(settings: Settings) -> dict[str, Any]:
 
     cache = settings.cache_dir or default_cache_dir()
     calibrations = sorted(p.name for p in (cache / "estimator").glob("*.json"))  # empty when the folder is missing
+    from .memory.allocator import configure
+
     rows: dict[str, Any] = {
+        "allocator": configure().describe() + ("; cache kept between jobs (--keep-cache)" if settings.keep_cache
+                                               else "; cache given back when the queue is empty"),
         "compile": "on (transformer blocks; first start ~1 min longer)" if settings.compile else "off",
         "attention": settings.attention + (" (probed at start-up)" if settings.attention == "auto" else ""),
         "placement": settings.placement,

@@ -75,8 +75,13 @@ class Settings(BaseSettings):
                                                               "waiting or running at once.")
 
     # Memory
-    vram_budget_gb: float | None = Field(None, gt=0, description="Cap this process's GPU memory (GB), e.g. to "
-                                                                 "share the card with an LLM server.")
+    vram_budget_gb: float | None = Field(None, gt=0, description="Cap this whole process's GPU memory at this "
+                                                                 "many GiB as nvidia-smi counts it (CUDA context "
+                                                                 "included), e.g. to share the card with an LLM "
+                                                                 "server. GiB = 2^30 bytes (nvidia-smi's MiB / 1024).")
+    keep_cache: bool = Field(False, description="Keep PyTorch's allocator cache between jobs (a private card): "
+                                                "by default the cache goes back to the driver as soon as the queue "
+                                                "is empty, so an idle server holds only weights + CUDA context.")
     memory_margin_gb: float = Field(0.7, ge=0, description="Headroom kept free beyond a request's predicted need; "
                                                            "the VRAM bar turns 'tight' inside it.")
     vram_poll_seconds: float = Field(1.0, gt=0.05, le=60, description="How often the VRAM bar refreshes.")

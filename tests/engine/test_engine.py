@@ -128,13 +128,21 @@ class SmallMachine:
         pass
 
 
+def _shape(request):
+    from zimage_ui.memory.estimator import WorkShape
+
+    return WorkShape(request.width, request.height, request.batch, request.cfg)
+
+
 def test_request_predicted_not_to_fit_is_refused(engine):
     huge = engine.validate({"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1}).request
     small = engine.validate({"prompt": "x", "width": 256, "height": 256, "seed": 1}).request
     need_huge, need_small = engine.predict_working_bytes(huge), engine.predict_working_bytes(small)
+    # even decoding one image at a time, the huge request needs more than this machine has
+    need_huge_chunked = engine.estimator.predict_chunked(_shape(huge), 1)
     margin = engine.settings.memory_margin_bytes
-    assert need_huge > need_small > 0
-    total = engine.weights_bytes() + need_small + margin + (need_huge - need_small) // 2
+    assert need_huge > need_huge_chunked > need_small > 0
+    total = engine.weights_bytes() + need_small + margin + (need_huge_chunked - need_small) // 2
     real_probe = engine.probe
     engine.probe = MemoryProbe(SmallMachine(total), engine.weights_bytes)
     try:
@@ -146,3 +154,25 @@ def test_request_predicted_not_to_fit_is_refused(engine):
         assert engine.generate({"prompt": "x", "width": 256, "height": 256, "seed": 1}, timeout=60).images
     finally:
         engine.probe = real_probe
+
+
+def test_a_batch_whose_decode_does_not_fit_decodes_fewer_images_at_a_time(engine):
+    raw = {"prompt": "a red circle", "width": 512, "height": 512, "batch": 4, "seed": 5}
+    request = engine.validate(raw).request
+    full, one = engine.predict_working_bytes(request), engine.estimator.predict_chunked(_shape(request), 1)
+    assert full > one
+    margin = engine.settings.memory_margin_bytes
+    total = engine.weights_bytes() + one + margin + (full - one) // 4  # room for one image's decode, not four
+    expected = engine.generate(raw, timeout=120)  # the whole batch decoded at once
+    real_probe = engine.probe
+    engine.probe = MemoryProbe(SmallMachine(total), engine.weights_bytes)
+    try:
+        admission = engine.admit(request)
+        assert admission.state == "ok" and 1 <= admission.decode_batch < 4, admission
+        assert "decodes" in admission.message
+        result = engine.generate(raw, timeout=120)
+    finally:
+        engine.probe = real_probe
+    assert result.seeds == [5, 6, 7, 8] and len(result.images) == 4
+    for a, b in zip(result.images, expected.images, strict=True):  # the same pictures, decoded in chunks
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=2)

@@ -42,7 +42,6 @@ def test_on_the_cpu_every_placement_is_resident():
     applied = placing.apply_placement(pipe, "sequential-offload", torch.device("cpu"))
     assert applied.name == "resident" and applied.resident == placing.COMPONENTS
     assert "ignored" in applied.notes[0] and applied.compile_allowed
-    assert placing.set_vram_budget(torch.device("cpu"), 2**30) is None
     placing.unload(pipe, applied)
     assert placing.reload(pipe, applied) >= 0.0
 

@@ -89,11 +89,10 @@ def test_streaming_placements_run_and_keep_weights_off_the_gpu(tmp_path, placeme
 
 
 def test_vram_budget_caps_the_allocator(cuda):
-    from zimage_ui.engine.placement import set_vram_budget
+    from zimage_ui.memory.allocator import make_allocator
 
     try:
-        fraction = set_vram_budget(cuda, 1 * 2**30)
-        assert 0 < fraction < 1
+        make_allocator(cuda).set_cap(1 * 2**30)
         with pytest.raises(torch.cuda.OutOfMemoryError):
             torch.empty(2 * 2**30, dtype=torch.uint8, device=cuda)
     finally:

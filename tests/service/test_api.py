@@ -226,9 +226,13 @@ def test_predicted_not_to_fit_is_409_with_the_need(http, server, monkeypatch):
     engine = server.engine
     huge = {"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1}
     small = {"prompt": "x", "seed": 1, **SMALL}
+    from zimage_ui.memory.estimator import WorkShape
+
     need_huge = engine.predict_working_bytes(engine.validate(huge).request)
     need_small = engine.predict_working_bytes(engine.validate(small).request)
-    total = engine.weights_bytes() + need_small + engine.settings.memory_margin_bytes + (need_huge - need_small) // 2
+    # too little even to decode one image at a time
+    need_chunked = engine.estimator.predict_chunked(WorkShape(2048, 2048, 4), 1)
+    total = engine.weights_bytes() + need_small + engine.settings.memory_margin_bytes + (need_chunked - need_small) // 2
     monkeypatch.setattr(engine, "probe", MemoryProbe(SmallMachine(total), engine.weights_bytes))
     r = http.post("/api/v1/generate", json=huge)
     assert r.status_code == 409
@@ -322,12 +326,13 @@ def test_client_disconnect_cancels_its_job(server, http, runner):
 # --- out of memory ------------------------------------------------------------------------------------------
 def test_oom_once_is_recovered_by_the_tiled_retry(http, runner):
     recovered = metric(http, "zimage_oom_recovered_total")
+    ooms = metric(http, 'zimage_oom_total{phase="denoise"}')
     attempts: list[int] = []
 
     def oom_on_first_attempt(request: RunRequest, attempt: int) -> None:
         attempts.append(attempt)
         if attempt == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
     runner.fault_hook = oom_on_first_attempt
     r = http.post("/api/v1/generate", json={"prompt": "x", "seed": 3, **SMALL},
@@ -337,13 +342,14 @@ def test_oom_once_is_recovered_by_the_tiled_retry(http, runner):
     assert len(body["images"]) == 1 and any("out of memory" in n for n in body["notes"])
     assert 1 in attempts and 2 in attempts
     assert metric(http, "zimage_oom_recovered_total") == recovered + 1
+    assert metric(http, 'zimage_oom_total{phase="denoise"}') == ooms + 1  # counted, and learned from
 
 
 def test_oom_twice_is_a_clear_error_and_the_next_job_succeeds(http, runner):
     ooms = metric(http, 'zimage_jobs_total{outcome="oom"}')
 
     def always_oom(request: RunRequest, attempt: int) -> None:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
     runner.fault_hook = always_oom
     r = http.post("/api/v1/generate", json={"prompt": "x", **SMALL})

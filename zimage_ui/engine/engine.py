@@ -48,10 +48,20 @@ class Engine:
     """Loads once, then runs every door's requests through one queue."""
 
     def __init__(self, settings: Settings, *, book: PresetBook | None = None,
-                 loader: Callable[[Settings, Any], Any] | None = None):
+                 loader: Callable[[Settings, Any], Any] | None = None, allocator: Any = None):
         """``loader(settings, device)`` replaces model resolution and loading (the benchmark's synthetic model);
-        it returns a ``LoadedModel``."""
+        it returns a ``LoadedModel``. ``allocator`` replaces the device's allocator control
+        (``memory.allocator.AllocatorControl``): the test seam for CUDA's numbers on a machine without a GPU."""
         self.settings = settings
+        self._allocator_override = allocator
+        self.allocator: Any = None  # memory.allocator.AllocatorControl
+        self.allocator_config: Any = None  # memory.allocator.AllocatorConfig
+        self.budget: Any = None  # memory.allocator.ProcessBudget when a VRAM budget is set
+        self.releases = 0  # allocator cache releases (idle, after warm-up)
+        self.released_bytes = 0
+        self.last_release: dict[str, Any] | None = None
+        self.oom_events: dict[str, int] = {"denoise": 0, "decode": 0}  # admitted jobs that ran out of memory
+        self._released_since_active = False
         self._file_book = book
         self._loader = loader
         self.book: PresetBook | None = None
@@ -93,6 +103,7 @@ class Engine:
 
         Raises on failure (state FAILED, reason set).
         """
+        from ..memory import allocator as alloc
         from ..models.loading import load_model, pick_device, pick_dtype
         from ..models.sources import resolve_model
         from . import placement as placing
@@ -101,8 +112,11 @@ class Engine:
         try:
             t_start = time.perf_counter()
             self.state, self.reason = EngineState.LOADING, "loading the model"
+            self.allocator_config = alloc.configure()  # before anything touches CUDA (a no-op if main() did it)
             book = self._file_book or load_presets(self.settings.presets_file, max_side=self.settings.max_side)
             device = pick_device(self.settings.device)
+            self.allocator = self._allocator_override or alloc.make_allocator(device)
+            self._apply_budget(alloc.START_HEADROOM_BYTES, init=True)  # capped before a single weight is loaded
             t0 = time.perf_counter()
             if self._loader is not None:
                 name = self._choose_placement(device, book, demo=False)
@@ -130,9 +144,9 @@ class Engine:
             for loaded in (self.model, self.base_model):
                 if loaded is not None:
                     loaded.device = device
-            budget = self._budget_bytes()
-            self.placement.budget_bytes = budget
-            self.placement.budget_fraction = placing.set_vram_budget(device, budget)
+            if self.budget is not None:
+                self.placement.budget_bytes = self.budget.budget_bytes
+                self.placement.budget_fraction = self.budget.fraction
             self.stage_seconds["placement_s"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -152,10 +166,11 @@ class Engine:
             for key, loaded in (("turbo", self.model), ("base", self.base_model)):
                 if loaded is not None:
                     self.runners[key] = PipelineRunner(loaded.pipe, loaded.device, model_key=loaded.model_id,
-                                                       prompt_cache=self.prompt_cache, on_sample=self._sample)
+                                                       prompt_cache=self.prompt_cache, on_sample=self._sample,
+                                                       memory=_EngineRunMemory(self))
             self.worker = SerialWorker(self._execute, max_queue=self.settings.max_queue,
                                        jobs_per_client=self.settings.jobs_per_client, timer=self.timer,
-                                       on_idle=self._on_idle if self.settings.idle_unload_minutes > 0 else None)
+                                       on_idle=self._on_idle)
             self.worker.start()
             if self.settings.warmup:
                 self.state, self.reason = EngineState.WARMING, "warming up"
@@ -163,6 +178,9 @@ class Engine:
                 # the first job ran ~20% slower when warm-up had run on this one (docs/benchmarks.md)
                 self.worker.call(self._warm_up).result()
             self.stage_seconds["warmup_s"] = self.warmup_seconds
+            # warm-up loaded most kernels: measure what lies outside the allocator again and tighten the cap
+            self._apply_budget(alloc.READY_HEADROOM_BYTES)
+            self.worker.call(lambda: self.release_cache("warm-up")).result()
             if self.probe is not None:
                 self.probe.mark_baseline()
             self._last_active = time.monotonic()
@@ -188,6 +206,36 @@ class Engine:
     def _budget_bytes(self) -> int | None:
         return int(self.settings.vram_budget_gb * 2**30) if self.settings.vram_budget_gb else None
 
+    def _apply_budget(self, headroom: int, *, init: bool = False) -> None:
+        """Size the allocator's cap so the whole process, as nvidia-smi counts it, stays within the budget:
+        ``cap = budget − (memory outside the allocator, measured now) − headroom``."""
+        from ..memory.allocator import budget_for
+
+        budget = self._budget_bytes()
+        if budget is None or self.allocator is None or self.allocator.kind != "cuda":
+            return
+        if init and hasattr(self.allocator, "init"):
+            self.allocator.init()  # the CUDA context exists before we measure what lies outside the allocator
+        self.budget = budget_for(self.allocator, budget, headroom)
+        self.allocator.set_cap(self.budget.allocator_cap_bytes)
+        log.info("VRAM budget: %s", self.budget.describe())
+
+    def release_cache(self, why: str) -> int:
+        """Give the allocator's unused cache back to the driver (not with ``keep_cache``); the bytes released.
+        Runs on the worker's thread (warm-up's end, and the idle hook once the queue is empty)."""
+        from ..memory.allocator import timed_release
+
+        if self.settings.keep_cache or self.allocator is None:
+            return 0
+        released, seconds = timed_release(self.allocator)
+        self._released_since_active = True
+        self.releases += 1
+        self.released_bytes += released
+        self.last_release = {"why": why, "bytes": released, "seconds": round(seconds, 4), "at": time.time()}
+        if released:
+            log.info("gave %.2f GiB of allocator cache back (%s) in %.0f ms", released / 2**30, why, seconds * 1e3)
+        return released
+
     def _choose_placement(self, device: Any, book: PresetBook, *, demo: bool) -> str:
         """The placement setting, or (``auto``) the planner's choice for this device and VRAM budget."""
         from .placement import normalize_placement
@@ -203,10 +251,12 @@ class Engine:
         from ..memory.planner import CUDA_CONTEXT_BYTES, Z_IMAGE_TURBO_BF16, DeviceFacts, plan
 
         budget = self._budget_bytes()
-        overhead = None
         if budget is None:  # the whole card: what other processes (an LLM server) already hold counts against us
             free, total = torch.cuda.mem_get_info(device)
             overhead = max(int(total - free), CUDA_CONTEXT_BYTES)
+        else:  # the budget holds our CUDA context too (measured before loading) and its growth
+            overhead = (self.budget.outside_bytes + self.budget.headroom_bytes if self.budget is not None
+                        else CUDA_CONTEXT_BYTES)
         facts = dataclasses.replace(DeviceFacts.from_torch(device, budget), overhead_bytes=overhead)
         preset = book.presets[book.default]
         estimator = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
@@ -333,10 +383,9 @@ class Engine:
             if cuda and self.admit(request).state == "over":
                 self.warmup_runs.append({"shape": str(shape), "purpose": purpose, "skipped": "predicted not to fit"})
                 continue
-            self.probe.reset_peak()
             started = time.perf_counter()
             output = self._warm_run(request)
-            peak = self.probe.snapshot().peak_working_bytes
+            peak = self._job_peak(self.runners["turbo"])
             samples.append((shape, peak))
             self.warmup_runs.append({"shape": str(shape), "purpose": purpose, "peak_working_bytes": peak,
                                      "seconds": round(time.perf_counter() - started, 3)})
@@ -351,6 +400,31 @@ class Engine:
             except (ValueError, OSError) as exc:  # degenerate measurements or an unwritable cache: keep going
                 log.info("memory estimator: %s", exc)
         self.warmup_seconds = time.perf_counter() - t0
+
+    def _job_peak(self, runner: PipelineRunner) -> int:
+        """Peak working bytes of the run that just ended: the denoise's and the decode's (measured apart)."""
+        decode = self.probe.snapshot().peak_working_bytes if self.probe is not None else 0
+        return max(decode, runner.denoise_peak)
+
+    def _learn_oom(self, request: RunRequest, phase: str, need_at_least: int) -> None:
+        """An admitted job ran out of memory: count it, teach the estimator the need it revealed, keep that with
+        the calibration (the same request is predicted right next time, also after a restart)."""
+        from ..memory.estimator import GiB, WorkShape
+
+        self.oom_events[phase] = self.oom_events.get(phase, 0) + 1
+        if self.estimator is None:
+            return
+        shape = WorkShape(request.width, request.height, request.batch, request.cfg)
+        before = self.estimator.predict(shape)
+        after = self.estimator.learn(shape, need_at_least, phase)
+        log.warning("out of memory in the %s at %s: predicted %.2f GiB, needed at least %.2f GiB; now predicting "
+                    "%.2f GiB", phase, shape, before / GiB, need_at_least / GiB, after / GiB)
+        if self.model is not None and self.model.device.type == "cuda":
+            try:
+                self.estimator_path = self.estimator_path or self._estimator_file()
+                self.estimator.save(self.estimator_path)
+            except OSError as exc:
+                log.info("memory estimator: could not save what it learned: %s", exc)
 
     def _warm_run(self, request: RunRequest) -> Any:
         """One warm-up run; if compilation (or the probed attention backend under it) fails, step back and retry."""
@@ -378,12 +452,20 @@ class Engine:
         return self._cache_dir() / "estimator" / f"{slug}.json"
 
     # --- idle unload ----------------------------------------------------------------------------------------
+    # The queue must stay empty this long before the cache goes back: a burst of requests keeps its memory.
+    RELEASE_AFTER_S = 0.3
+
     def _on_idle(self) -> None:
-        """The worker's idle hook (its thread): unload after ``idle_unload_minutes`` without a job."""
+        """The worker's idle hook (its thread, about once a second while the queue is empty): give the allocator's
+        cache back once the queue has been empty for ``RELEASE_AFTER_S``, and unload after
+        ``idle_unload_minutes`` without a job."""
+        idle = time.monotonic() - self._last_active
+        if not self._released_since_active and idle >= self.RELEASE_AFTER_S and self.state == EngineState.READY:
+            self.release_cache("queue empty")
         minutes = self.settings.idle_unload_minutes
         if minutes <= 0 or self.unloaded or self.placement is None:
             return
-        if time.monotonic() - self._last_active >= minutes * 60:
+        if idle >= minutes * 60:
             self.unload()
 
     def unload(self) -> None:
@@ -398,6 +480,8 @@ class Engine:
             if loaded is not None:
                 placing.unload(loaded.pipe, self.placement)
         self.prompt_cache.clear()  # cached embeddings live on the GPU too
+        if self.allocator is not None:
+            self.allocator.release()  # even with keep_cache: unloading means giving the GPU back
         self.unloaded = True
         self.unloads += 1
         log.info("idle for %.1f min: weights moved to CPU RAM", self.settings.idle_unload_minutes)
@@ -462,18 +546,43 @@ class Engine:
         from ..memory.estimator import WorkShape, admit_shape
 
         shape = WorkShape(request.width, request.height, request.batch, request.cfg)
-        return admit_shape(self.estimator, self._admission_snapshot(), shape, self.settings.memory_margin_bytes)
+        snapshot = self._admission_snapshot()
+        admission = admit_shape(self.estimator, snapshot, shape, self.settings.memory_margin_bytes)
+        if admission.state == "over":
+            admission = self._explain_cohost(admission, snapshot)
+        return admission
+
+    def _explain_cohost(self, admission: Any, snapshot: Any) -> Any:
+        """When other processes leave too little for even the smallest request, say so with their figure."""
+        from ..memory.estimator import GiB, WorkShape, admit
+
+        low = self.presets().limits.side[0]
+        smallest = admit(snapshot, self.estimator.predict(WorkShape(low, low)), 0)
+        others = (snapshot.nvml or {}).get("other_processes_bytes")
+        if smallest.state != "over" or not others:
+            return admission
+        message = (f"other processes use {others / GiB:.1f} GiB of this GPU; this request needs "
+                   f"{admission.need_bytes / GiB:.1f} GiB of working memory and only "
+                   f"{admission.available_bytes / GiB:.1f} GiB is left — even {low}x{low} does not fit now")
+        return dataclasses.replace(admission, message=message, suggestion=None)
 
     def _admission_snapshot(self) -> Any:
         """The snapshot admission judges against: unloaded weights count as if back, and a VRAM budget caps the
-        total at what the allocator may hold (budget) plus what lives outside it (``other``)."""
+        total at what the allocator may reserve (the cap: budget less the memory outside the allocator and its
+        headroom) plus what lives outside it (``other``), so ``available = min(live free, cap − weights)``."""
         snap = self.memory_snapshot()
         if self.unloaded:
             snap = dataclasses.replace(snap, weights_bytes=max(snap.weights_bytes, self._unloaded_weights_bytes))
-        budget = self._budget_bytes()
-        if budget is not None and snap.device_kind == "cuda":
-            snap = dataclasses.replace(snap, total_bytes=min(snap.total_bytes, budget + snap.other_bytes))
+        if self.budget is not None and snap.device_kind == "cuda":
+            cap = self.budget.allocator_cap_bytes
+            snap = dataclasses.replace(snap, total_bytes=min(snap.total_bytes, cap + snap.other_bytes))
         return snap
+
+    def available_working_bytes(self) -> int:
+        """Working memory a job could use now (admission's figure, without the safety margin)."""
+        from ..memory.estimator import available_bytes
+
+        return available_bytes(self._admission_snapshot())
 
     def submit(self, raw: GenerationRequest | Mapping[str, Any] | Validated, *, owner: str | None = None) -> Job:
         """Validate (unless already validated), check memory, queue.
@@ -488,6 +597,7 @@ class Engine:
                 raise MemoryRefused(admission)
             job = Job(validated.request, changes=validated.changes, notes=self.notes_for(validated.request),
                       owner=owner)
+            job.decode_batch = admission.decode_batch
             job.on_change(self._job_changed)
             return self.worker.submit(job)
         except EngineError as exc:
@@ -555,6 +665,11 @@ class Engine:
             "plan": self.plan.lines() if self.plan is not None else None,
             "acceleration": self.acceleration.to_dict() if self.acceleration else None,
             "estimator": self.estimator.description if self.estimator is not None else None,
+            "allocator": self.allocator_config.describe() if self.allocator_config is not None else None,
+            "keep_cache": self.settings.keep_cache, "cache_releases": self.releases,
+            "cache_released_bytes": self.released_bytes, "last_cache_release": self.last_release,
+            "budget": self.budget.to_dict() if self.budget is not None else None,
+            "oom_events": dict(self.oom_events),
             "idle_unload_minutes": self.settings.idle_unload_minutes, "unloaded": self.unloaded,
             "unloads": self.unloads, "reloads": self.reloads,
             "last_reload_seconds": None if self.last_reload_seconds is None else round(self.last_reload_seconds, 3),
@@ -580,15 +695,13 @@ class Engine:
         reload_s = self.reload() if self.unloaded else None
         preset = self.presets().presets[job.request.preset]
         runner = self.runners["base"] if preset.model == "base" and "base" in self.runners else self.runners["turbo"]
-        if self.probe is not None:
-            self.probe.reset_peak()
-        output = runner.run(job)
+        self._released_since_active = False
+        output = runner.run(job, decode_batch=job.decode_batch)
         self.timer.record(job.request, output.timings["per_step_s"],
                           output.timings["encode_s"] + output.timings["decode_s"])
-        peak = self.probe.snapshot().peak_working_bytes if self.probe is not None else 0
+        peak = self._job_peak(runner)
         notes = list(job.notes)
-        if output.retried_tiled:
-            notes.append("ran out of memory once; finished with a tiled VAE decode")
+        notes.extend(output.recovered)
         if reload_s is not None:
             notes.append(f"model reloaded after idle unload in {reload_s:.1f} s")
             output.timings["reload_s"] = reload_s
@@ -614,3 +727,33 @@ class Engine:
         return [str(save_png(image, folder / f"{stamp}-{job.id}-{seed}.png", job.request, seed=seed,
                              model=result.model_id, extra={"timings": result.timings}))
                 for image, seed in zip(result.images, result.seeds, strict=True)]
+
+
+class _EngineRunMemory:
+    """The engine's answers to its runners' memory questions (``runner.RunMemory``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def reset_peak(self) -> None:
+        if self.engine.probe is not None:
+            self.engine.probe.reset_peak()
+
+    def peak_working(self) -> int:
+        return self.engine.probe.snapshot().peak_working_bytes if self.engine.probe is not None else 0
+
+    def available(self) -> int | None:
+        return self.engine.available_working_bytes() if self.engine.probe is not None else None
+
+    def out_of_memory(self, request: RunRequest, phase: str, need_at_least: int) -> None:
+        self.engine._learn_oom(request, phase, need_at_least)
+
+    def free(self) -> None:
+        if self.engine.allocator is not None:
+            self.engine.allocator.release()
+
+    def decode_plan(self, request: RunRequest, available: int | None, after: Any) -> Any:
+        from ..memory.estimator import WorkShape, plan_decode
+
+        shape = WorkShape(request.width, request.height, request.batch, request.cfg)
+        return plan_decode(self.engine.estimator, shape, available if available is not None else 2**62, after)

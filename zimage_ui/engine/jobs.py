@@ -108,6 +108,8 @@ class JobStatus:
 class Job:
     """One validated request in the engine. Thread-safe: the worker updates it, any door reads or cancels it."""
 
+    decode_batch: int | None = None  # admission's choice: the VAE decodes this many images per call (None: all)
+
     def __init__(self, request: RunRequest, *, changes: tuple[Change, ...] = (), notes: list[str] | None = None,
                  owner: str | None = None):
         self.id = f"job-{next(_ids)}"

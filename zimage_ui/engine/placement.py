@@ -20,6 +20,7 @@ Placements (names as the planner's ``PLACEMENTS``):
     equivalent of ``enable_sequential_cpu_offload()`` (which moves every leaf synchronously).
 
 Only ``resident`` and ``text-encoder-offload`` leave the transformer free of hooks, so only they are compiled.
+The VRAM budget is the allocator's business: :mod:`zimage_ui.memory.allocator`.
 """
 
 from __future__ import annotations
@@ -122,21 +123,6 @@ def apply_placement(pipe: Any, name: str, device: torch.device,
     torch.cuda.synchronize(device)
     applied.seconds = time.perf_counter() - t0
     return applied
-
-
-def set_vram_budget(device: torch.device, budget_bytes: int | None) -> float | None:
-    """Cap PyTorch's allocator on ``device`` at ``budget_bytes`` (``torch.cuda.set_per_process_memory_fraction``).
-
-    The CUDA context and library workspaces live outside the allocator, so the process's NVML figure is this cap
-    plus about half a GB. Returns the fraction set, or None (no budget, or not CUDA).
-    """
-    if budget_bytes is None or device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    fraction = min(1.0, budget_bytes / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    return fraction
 
 
 def unload(pipe: Any, applied: AppliedPlacement) -> None:

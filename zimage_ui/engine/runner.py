@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +27,38 @@ class RunOutput:
     images: list[Any]
     seeds: list[int]
     timings: dict[str, float]
-    retried_tiled: bool = False
+    retried_tiled: bool = False  # kept for callers: True when any out-of-memory was recovered
+    recovered: list[str] = field(default_factory=list)  # what each recovery did, for the job's notes
+    decode: str = ""  # how the VAE decoded (DecodePlan.describe())
+
+
+class RunMemory:
+    """What the runner asks of the engine about memory. The default knows nothing (CPU tests, bare runners)."""
+
+    def reset_peak(self) -> None:
+        """Start measuring a new phase's peak."""
+
+    def peak_working(self) -> int:
+        """Peak working bytes since the last :meth:`reset_peak`."""
+        return 0
+
+    def available(self) -> int | None:
+        """Working bytes a decode may use now (cap and live free memory counted); None = unknown."""
+        return None
+
+    def out_of_memory(self, request: RunRequest, phase: str, need_at_least: int) -> None:
+        """An out-of-memory error in ``phase`` ("denoise" or "decode") that needed at least ``need_at_least``."""
+
+    def free(self) -> None:
+        """Give cached memory back before a retry."""
+
+    def decode_plan(self, request: RunRequest, available: int | None, after: Any) -> Any:
+        """The next, smaller decode plan after ``after`` failed (``memory.estimator.plan_decode``), or None."""
+        from ..memory.estimator import WorkShape, decode_fallbacks
+
+        shape = WorkShape(request.width, request.height, request.batch, request.cfg)
+        options = decode_fallbacks(shape, after)
+        return options[0] if options else None
 
 
 class PromptCache:
@@ -74,17 +105,22 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class PipelineRunner:
-    """Calls ``pipe`` for a job. ``fault_hook(request, attempt)`` is a test seam called once per denoise step."""
+    """Calls ``pipe`` for a job. Test seams: ``fault_hook(request, attempt)`` is called once per denoise step,
+    ``decode_fault_hook(request, plan)`` before each VAE call (raise an out-of-memory error there to test the
+    fallback)."""
 
     def __init__(self, pipe: Any, device: torch.device, *, model_key: str, prompt_cache: PromptCache | None = None,
-                 on_sample: Callable[[], None] | None = None):
+                 on_sample: Callable[[], None] | None = None, memory: RunMemory | None = None):
         self.pipe = pipe
         self.device = device
         self.model_key = model_key
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
         self.on_sample = on_sample
         self.fault_hook: Callable[[RunRequest, int], None] | None = None
+        self.decode_fault_hook: Callable[[RunRequest, Any], None] | None = None
+        self.memory = memory if memory is not None else RunMemory()
         self.ooms_recovered = 0
+        self.denoise_peak = 0
 
     # --- prompt -----------------------------------------------------------------------------------------------
     def _embed(self, text: str) -> list[torch.Tensor]:
@@ -102,39 +138,56 @@ class PipelineRunner:
         return len(self.pipe.tokenizer(templated, truncation=False)["input_ids"])
 
     # --- run --------------------------------------------------------------------------------------------------
-    def run(self, job: Job) -> RunOutput:
-        """Run ``job``; on CUDA out-of-memory, free memory and retry once with a tiled, one-at-a-time decode."""
+    def run(self, job: Job, *, decode_batch: int | None = None) -> RunOutput:
+        """Run ``job``: denoise to latents, then decode ``decode_batch`` images per VAE call (all by default).
+
+        Out of memory in the denoise: learn, free the cache and run once more, then fail clearly. Out of memory in
+        the decode: learn, then decode what is left with a smaller plan — fewer images per call, then tiles —
+        keeping the latents and the images already decoded, until even the smallest tile fails.
+        """
+        recovered: list[str] = []
         try:
-            return self._run_once(job, attempt=1)
+            latents, timings = self._denoise(job, attempt=1)
         except JobCancelled:
             raise
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            log.warning("out of memory on %s; retrying with VAE tiling", job.id)
-        self.free_memory()
-        try:
-            output = self._run_once(job, attempt=2)
-        except JobCancelled:
-            raise
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
+            log.warning("out of memory in the denoise of %s; freeing the cache and retrying", job.id)
+            self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + tried_bytes(exc))
             self.free_memory()
-            raise JobFailed(f"out of memory at {job.request.width}x{job.request.height} batch {job.request.batch} "
-                            "even with a tiled decode; try a smaller size or batch", kind="oom") from None
-        self.ooms_recovered += 1
-        output.retried_tiled = True
-        return output
+            try:
+                latents, timings = self._denoise(job, attempt=2)
+            except JobCancelled:
+                raise
+            except Exception as exc2:
+                if not is_oom(exc2):
+                    raise
+                self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + tried_bytes(exc2))
+                self.free_memory()
+                raise JobFailed(f"out of memory at {job.request.width}x{job.request.height} batch "
+                                f"{job.request.batch} in the denoise, twice; try a smaller size or batch",
+                                kind="oom") from None
+            recovered.append("ran out of memory in the denoise once; ran again after freeing the cache")
+        t_decode = time.perf_counter()
+        images, plan = self._decode_all(job, latents, decode_batch, recovered)
+        t_end = time.perf_counter()
+        timings["decode_s"] = t_end - t_decode + timings.pop("_to_decode_s")
+        timings["total_s"] = t_end - timings.pop("_t0")
+        self.ooms_recovered += bool(recovered)
+        return RunOutput(images=images, seeds=job.request.seeds(), timings=timings, retried_tiled=bool(recovered),
+                         recovered=recovered, decode=plan.describe())
 
     def free_memory(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        self.memory.free()
 
-    def _run_once(self, job: Job, attempt: int) -> RunOutput:
+    def _denoise(self, job: Job, attempt: int) -> tuple[torch.Tensor, dict[str, float]]:
         req = job.request
         pipe = self.pipe
+        self.memory.reset_peak()
         t0 = time.perf_counter()
         prompt_embeds = self._embed(req.prompt)
         negative_embeds = self._embed(req.negative_prompt) if req.cfg else None
@@ -149,42 +202,86 @@ class PipelineRunner:
             if self.fault_hook is not None:
                 self.fault_hook(req, attempt)
             if job.cancel_requested:
-                p._interrupt = True  # the pipeline's own flag; raising also skips the VAE decode
+                p._interrupt = True  # the pipeline's own flag
                 raise JobCancelled(job.id)
             return kwargs
 
         generators = [torch.Generator(self.device.type).manual_seed(s) for s in req.seeds()]
-        tiled = attempt > 1
-        result = pipe(
+        latents = pipe(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
             num_images_per_prompt=req.batch, height=req.height, width=req.width,
             num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
-            callback_on_step_end=on_step, output_type="latent" if tiled else "pt",
+            callback_on_step_end=on_step, output_type="latent",
         ).images
-        images = self._decode_tiled(result) if tiled else to_pil(result)
-        t_end = time.perf_counter()
+        t_latents = time.perf_counter()
         steps_s = (step_marks[-1] - t_encoded) if step_marks else 0.0
         timings = {
             "encode_s": t_encoded - t0,
             "denoise_s": steps_s,
-            "decode_s": t_end - (step_marks[-1] if step_marks else t_encoded),
-            "total_s": t_end - t0,
             "per_step_s": steps_s / max(len(step_marks), 1),
+            # the scheduler's last step to the latents: counted with the decode, as before
+            "_to_decode_s": t_latents - (step_marks[-1] if step_marks else t_encoded),
+            "_t0": t0,
         }
-        return RunOutput(images=images, seeds=req.seeds(), timings=timings)
+        self.denoise_peak = self.memory.peak_working()
+        return latents, timings
 
-    def _decode_tiled(self, latents: torch.Tensor) -> list[Any]:
-        """Decode one latent at a time with VAE tiling: the fallback after an out-of-memory."""
+    def _decode_all(self, job: Job, latents: torch.Tensor, decode_batch: int | None,
+                    recovered: list[str]) -> tuple[list[Any], Any]:
+        from ..memory.estimator import DecodePlan
+
+        req = job.request
+        plan = DecodePlan(min(decode_batch or req.batch, req.batch))
+        first = plan
+        images: list[Any] = []
+        self.memory.reset_peak()
+        while len(images) < len(latents):
+            try:
+                chunk = latents[len(images):len(images) + plan.chunk]
+                if self.decode_fault_hook is not None:
+                    self.decode_fault_hook(req, plan)
+                images.extend(self._decode(chunk, plan.tile))
+            except JobCancelled:
+                raise
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                need = self.memory.peak_working() + tried_bytes(exc)
+                self.memory.out_of_memory(req, "decode", need)
+                self.free_memory()
+                nxt = self.memory.decode_plan(req, self.memory.available(), plan)
+                if nxt is None:
+                    raise JobFailed(f"out of memory decoding {req.width}x{req.height} even one image at a time in "
+                                    "the smallest tiles; try a smaller size", kind="oom") from None
+                log.warning("out of memory decoding %s with %s; going on with %s", job.id, plan.describe(),
+                            nxt.describe())
+                plan = nxt
+                self.memory.reset_peak()
+        if plan != first:
+            recovered.append(f"ran out of memory in the VAE decode; finished with {plan.describe()}")
+        return images, plan
+
+    def _decode(self, latents: torch.Tensor, tile: int | None) -> list[Any]:
+        """Decode latents as ``ZImagePipeline`` does (same arithmetic, same pixels), optionally tiled."""
         pipe = self.pipe
         vae = pipe.vae
-        vae.enable_tiling()
+        saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+        if tile is not None:
+            vae.use_tiling = True
+            vae.tile_sample_min_size = tile
+            vae.tile_latent_min_size = max(1, tile // pipe.vae_scale_factor)
         try:
-            images = []
-            for one in latents.split(1):
-                with torch.no_grad():
-                    one = one.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-                    decoded = vae.decode(one, return_dict=False)[0]
-                images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
-            return images
+            with torch.no_grad():
+                scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+                decoded = vae.decode(scaled, return_dict=False)[0]
+                image = pipe.image_processor.postprocess(decoded, output_type="pt")
+            return to_pil(image)
         finally:
-            vae.disable_tiling()
+            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+
+
+def tried_bytes(exc: BaseException) -> int:
+    """How much the failed allocation asked for (0 when the message does not say)."""
+    from ..memory.allocator import parse_tried_bytes
+
+    return parse_tried_bytes(str(exc))

@@ -180,6 +180,9 @@ class WorkingMemoryEstimator:
         self.calibrated = calibrated
         self.source = source
         self.fit = fit
+        # Needs learned from out-of-memory errors on admitted work: shape → (bytes at least, phase). A lower bound
+        # measured on this machine beats the fitted curve for that shape (see :meth:`learn`).
+        self.learned: dict[WorkShape, tuple[int, str]] = {}
 
     @property
     def coefficients(self) -> dict[str, float]:
@@ -196,10 +199,55 @@ class WorkingMemoryEstimator:
             "denoise": math.ceil((denoise @ self._theta - fixed) * GiB),
         }
 
-    def predict(self, shape: WorkShape) -> int:
-        """Predicted peak working bytes for ``shape`` (``fixed + max(decode, denoise)`` of :meth:`phases`)."""
+    def _model(self, shape: WorkShape) -> int:
         parts = self.phases(shape)
         return parts["fixed"] + max(parts["decode"], parts["denoise"])
+
+    def predict(self, shape: WorkShape) -> int:
+        """Predicted peak working bytes for ``shape`` (``fixed + max(decode, denoise)`` of :meth:`phases`), never
+        below what an out-of-memory error taught us about this shape (:meth:`learn`)."""
+        model = self._model(shape)
+        learned = self.learned.get(shape)
+        return model if learned is None else max(model, learned[0])
+
+    def predict_chunked(self, shape: WorkShape, chunk: int) -> int:
+        """Peak working bytes when the VAE decodes ``chunk`` images at a time (the denoise still runs the whole
+        batch). A need learned for the whole shape scales the decode by the same factor, or bounds the denoise."""
+        parts = self.phases(replace(shape, batch=chunk))
+        decode = parts["decode"]
+        denoise = self.phases(shape)["denoise"]
+        learned = self.learned.get(shape)
+        if learned is not None:
+            need, phase = learned
+            model = self._model(shape)
+            if phase == "decode" and need > model:
+                decode = math.ceil(decode * need / model)
+            elif phase != "decode":
+                denoise = max(denoise, need - parts["fixed"])
+        return parts["fixed"] + max(decode, denoise)
+
+    def decode_need(self, shape: WorkShape, chunk: int, tile: int | None = None) -> int:
+        """Bytes of the VAE decode alone for ``chunk`` images of ``shape`` (or, tiled, one ``tile``² tile at a
+        time), with any learned correction of the decode branch."""
+        part = replace(shape, batch=chunk) if tile is None else WorkShape(tile, tile, 1)
+        phases = self.phases(part)
+        decode = phases["decode"]
+        learned = self.learned.get(shape)
+        if learned is not None and learned[1] == "decode":
+            model = self._model(shape)
+            if learned[0] > model:
+                decode = math.ceil(decode * learned[0] / model)
+        return phases["fixed"] + decode
+
+    def learn(self, shape: WorkShape, need_at_least: int, phase: str) -> int:
+        """Record that ``shape`` needs at least ``need_at_least`` bytes (an admitted job ran out of memory in
+        ``phase``: "denoise" or "decode"), with a 10% margin for what the failed run never reached. Returns the
+        new prediction. Kept with the calibration by :meth:`save`."""
+        need = int(need_at_least * 1.10)
+        old = self.learned.get(shape)
+        if old is None or need > old[0]:
+            self.learned[shape] = (need, phase)
+        return self.predict(shape)
 
     def calibrate(self, samples: Sequence[tuple[WorkShape, int]]) -> None:
         """Fit the coefficients to measured ``(shape, peak working bytes)`` samples; the current ones act as prior.
@@ -288,6 +336,8 @@ class WorkingMemoryEstimator:
             )
         else:
             text += f"; uncalibrated prior: {self.source or 'given coefficients'}"
+        if self.learned:
+            text += f"; {len(self.learned)} need(s) learned from out-of-memory errors"
         return text
 
     @classmethod
@@ -313,6 +363,9 @@ class WorkingMemoryEstimator:
             "calibrated": self.calibrated,
             "source": self.source,
             "fit": self.fit,
+            "learned": [{"width": s.width, "height": s.height, "batch": s.batch, "cfg": s.cfg, "need_bytes": need,
+                         "phase": phase}
+                        for s, (need, phase) in sorted(self.learned.items(), key=lambda kv: str(kv[0]))],
         }
 
     @classmethod
@@ -325,12 +378,19 @@ class WorkingMemoryEstimator:
         coefficients = data.get("coefficients")
         if not isinstance(coefficients, dict):
             raise ValueError("estimator document has no coefficients")
-        return cls(
+        estimator = cls(
             coefficients,
             calibrated=bool(data.get("calibrated", False)),
             source=str(data.get("source", "")),
             fit=data.get("fit"),
         )
+        for row in data.get("learned") or []:
+            try:
+                shape = WorkShape(int(row["width"]), int(row["height"]), int(row["batch"]), bool(row["cfg"]))
+                estimator.learned[shape] = (int(row["need_bytes"]), str(row.get("phase", "decode")))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"estimator document: bad learned row {row!r}") from exc
+        return estimator
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically (temp file in the same folder, fsync, ``os.replace``)."""
@@ -392,6 +452,7 @@ class Admission:
     margin_bytes: int
     message: str
     suggestion: WorkShape | None = None
+    decode_batch: int | None = None  # the VAE decodes this many images at a time (None: the whole batch)
 
     @property
     def runnable(self) -> bool:
@@ -408,6 +469,7 @@ class Admission:
             "margin_bytes": self.margin_bytes,
             "message": self.message,
             "suggestion": None if s is None else {"width": s.width, "height": s.height, "batch": s.batch, "cfg": s.cfg},
+            "decode_batch": self.decode_batch,
         }
 
 
@@ -486,7 +548,62 @@ def admit_shape(
     """``admit`` for a shape: predicts its need and, when it is ``over``, names the largest shape that fits."""
     need = estimator.predict(shape)
     first = admit(snapshot, need, margin_bytes, reserve_bytes)
+    if first.state == AdmissionState.OK:
+        return first
+    # A batch whose decode is what does not fit can decode fewer images at a time: same images, less memory
+    # (the decode is compute-bound, so it costs about the same time).
+    for accept in ((AdmissionState.OK,), AdmissionState.ALL[:2]):
+        for chunk in range(shape.batch - 1, 0, -1):
+            chunked = admit(snapshot, estimator.predict_chunked(shape, chunk), margin_bytes, reserve_bytes)
+            if chunked.state in accept and (first.state == AdmissionState.OVER or chunked.state == AdmissionState.OK):
+                return replace(chunked, decode_batch=chunk,
+                               message=chunked.message + f"; the VAE decodes {chunk} image{'s' if chunk > 1 else ''}"
+                                                         " at a time")
     if first.state != AdmissionState.OVER:
         return first
     best = largest_fitting(estimator, snapshot, shape, margin_bytes, reserve_bytes=reserve_bytes)
     return admit(snapshot, need, margin_bytes, reserve_bytes, suggestion=best)
+
+
+# Tile sides (pixels) the fallback decode tries, largest first: the VAE's own default tile is its sample size.
+TILE_SIDES = (1024, 768, 512, 256)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the VAE decodes a job's latents: ``chunk`` images per call, tiled with ``tile``² tiles or not."""
+
+    chunk: int
+    tile: int | None = None
+    need_bytes: int = 0
+
+    def describe(self) -> str:
+        text = f"{self.chunk} image{'s' if self.chunk > 1 else ''} per decode"
+        return text + (f", {self.tile}px tiles" if self.tile else "")
+
+
+def decode_fallbacks(shape: WorkShape, after: DecodePlan) -> list[DecodePlan]:
+    """Every plan smaller than ``after``, in the order to try: fewer images per call, then tiles, then smaller
+    tiles (a tile as large as the image is no tiling, so it is left out)."""
+    plans = []
+    if after.tile is None:
+        plans += [DecodePlan(chunk) for chunk in range(after.chunk - 1, 0, -1)]
+    side = max(shape.width, shape.height)
+    plans += [DecodePlan(1, tile) for tile in TILE_SIDES
+              if tile < side and (after.tile is None or tile < after.tile)]
+    return plans
+
+
+def plan_decode(estimator: WorkingMemoryEstimator, shape: WorkShape, available: int,
+                after: DecodePlan) -> DecodePlan | None:
+    """The first of :func:`decode_fallbacks` predicted to fit in ``available`` bytes, else the smallest one
+    (predictions err high, so it is worth a try); ``None`` when nothing smaller than ``after`` exists."""
+    options = decode_fallbacks(shape, after)
+    for option in options:
+        need = estimator.decode_need(shape, option.chunk, option.tile)
+        if need <= available:
+            return replace(option, need_bytes=need)
+    if not options:
+        return None
+    last = options[-1]
+    return replace(last, need_bytes=estimator.decode_need(shape, last.chunk, last.tile))

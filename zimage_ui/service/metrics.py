@@ -87,8 +87,26 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily("zimage_model_reload_seconds", "Seconds the last reload after an idle "
                                     "unload took.", value=reload_s)
         runners = getattr(engine, "runners", {}) or {}
-        yield CounterMetricFamily("zimage_oom_recovered", "Jobs that ran out of memory once and finished with "
-                                  "the tiled retry.", value=sum(r.ooms_recovered for r in runners.values()))
+        yield CounterMetricFamily("zimage_oom_recovered", "Jobs that ran out of memory and still finished (a "
+                                  "retry, or a smaller VAE decode).",
+                                  value=sum(r.ooms_recovered for r in runners.values()))
+        oom_events = getattr(engine, "oom_events", None) or {}
+        family = CounterMetricFamily("zimage_oom", "Out-of-memory errors in admitted jobs, by phase; each one "
+                                     "teaches the memory estimator that request's need.", labels=["phase"])
+        for phase in ("denoise", "decode"):
+            family.add_metric([phase], oom_events.get(phase, 0))
+        yield family
+        yield CounterMetricFamily("zimage_cache_releases", "Times the allocator's cache went back to the driver "
+                                  "(queue empty, after warm-up).", value=getattr(engine, "releases", 0))
+        yield CounterMetricFamily("zimage_cache_released_bytes", "Bytes of allocator cache given back.",
+                                  value=getattr(engine, "released_bytes", 0))
+        budget = getattr(engine, "budget", None)
+        if budget is not None:
+            yield GaugeMetricFamily("zimage_vram_budget_bytes", "The VRAM budget for the whole process "
+                                    "(nvidia-smi's figure, CUDA context included).", value=budget.budget_bytes)
+            yield GaugeMetricFamily("zimage_allocator_cap_bytes", "The allocator's cap under the budget: budget "
+                                    "less the memory outside the allocator and its headroom.",
+                                    value=budget.allocator_cap_bytes)
         cache = getattr(engine, "prompt_cache", None)
         if cache is not None:
             family = CounterMetricFamily("zimage_prompt_cache", "Prompt-embedding cache lookups.",
