@@ -164,7 +164,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 # --- bench ----------------------------------------------------------------------------------------------------
 _BENCH_SETTINGS = ("model", "model_dir", "device", "dtype", "presets_file", "max_side", "warmup", "compile",
                    "compile_vae", "attention", "fp8", "placement", "vram_budget_gb", "memory_margin_gb",
-                   "prompt_cache_size", "cache_dir", "output_dir", "save_images", "log_level")
+                   "prompt_cache_size", "cache_dir", "output_dir", "save_images", "log_level", "keep_cache")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -196,6 +196,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options.sides = tuple(int(v) for v in args.sweep_sides.split(","))
     if args.sweep_batches:
         options.batches = tuple(int(v) for v in args.sweep_batches.split(","))
+    if args.cohost is not None:
+        from .bench_memory import run_cohost
+
+        report = run_cohost(settings, options, args.cohost)
+        text = to_json(report)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
     report = run_bench(settings, options)
     text = to_json(report)
     if args.out:
@@ -274,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="final latents for seed 0: saved to FILE if absent, else compared (cosine)")
     bench.add_argument("--baseline", metavar="FILE", help="vanilla_diffusers.py output (JSON lines) for the ratio")
     bench.add_argument("--save-synthetic", metavar="DIR", help="write the synthetic model as a diffusers folder")
+    bench.add_argument("--cohost", type=float, metavar="GIB",
+                       help="memory truth on a shared GPU: another process grabs GIB GiB mid-sweep; the sweep runs "
+                            "over HTTP under --vram-budget-gb, read per process as nvidia-smi does (needs CUDA)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON (summary to stderr)")
     bench.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
     _add_setting_flags(bench, _BENCH_SETTINGS)

@@ -120,6 +120,10 @@ class Engine:
             t0 = time.perf_counter()
             if self._loader is not None:
                 name = self._choose_placement(device, book, demo=False)
+                if name != "resident" and self.budget is not None:
+                    # the benchmark's synthetic model is built on the device, whatever the placement: lift the
+                    # cap while it is built, then (below) place it and cap again. Real weights load to CPU RAM.
+                    self.allocator.set_cap(None)
                 self.model = self._loader(self.settings, device)
             else:
                 resolution = resolve_model(self.settings.model, model_dir=self.settings.model_dir)
@@ -145,6 +149,9 @@ class Engine:
                 if loaded is not None:
                     loaded.device = device
             if self.budget is not None:
+                if self._loader is not None and name != "resident":
+                    self.allocator.release()
+                    self._apply_budget(alloc.START_HEADROOM_BYTES)
                 self.placement.budget_bytes = self.budget.budget_bytes
                 self.placement.budget_fraction = self.budget.fraction
             self.stage_seconds["placement_s"] = time.perf_counter() - t0
