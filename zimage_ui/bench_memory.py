@@ -10,8 +10,9 @@ every 20 ms on a thread, and ``nvidia-smi --query-compute-apps`` once a second a
 3. **first request after the release** (queue empty for 2.5 s, cache given back) against warm requests;
 4. the **sweep** over HTTP (the REST service on loopback, the path users take): every size class at 1:1, the
    middle one at 16:9, and 2048², × batch 1–4; halfway through, a **co-hosted process grabs ``GB`` GiB while a
-   job runs** and holds it; every answer is counted: 200, 409 (refused, with the reason), 507 (out of memory); an out-of-memory error
-   in a job the estimator admitted with the co-host steady is the estimator's misjudgement;
+   job runs** and holds it; every answer is counted: 200, 409 (refused, with the reason), 507 (out of memory);
+   an out-of-memory error in a job the estimator admitted with the co-host steady is the estimator's
+   misjudgement;
 5. the **fallback**: the estimator is made to under-predict one batch-4 decode so that it really runs out of
    memory on the GPU; the decode that recovers is timed against the normal decode of the same images;
 6. the idle footprint again, after all of that.
