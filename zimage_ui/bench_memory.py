@@ -221,7 +221,7 @@ def _idle_footprint(engine: Any, watch: ProcessWatch) -> dict[str, Any]:
             "last_release": engine.last_release}
 
 
-def _first_after_release(engine: Any, prompt: Any, runs: int = 3) -> dict[str, Any]:
+def _first_after_release(engine: Any, prompt: Any, runs: int = 5) -> dict[str, Any]:
     """Warm requests back to back (no release between them) against requests after 2.5 s idle (released)."""
     from .bench import _timed_generate
 
@@ -230,13 +230,25 @@ def _first_after_release(engine: Any, prompt: Any, runs: int = 3) -> dict[str, A
     base = {"preset": preset.name, "width": preset.width, "height": preset.height, "steps": preset.steps}
     _timed_generate(engine, {**base, "prompt": prompt(800), "seed": 800})
     warm = [_timed_generate(engine, {**base, "prompt": prompt(801 + i), "seed": 801 + i})[0] for i in range(5)]
-    after = []
-    for i in range(runs):
-        time.sleep(2.5)
-        after.append(_timed_generate(engine, {**base, "prompt": prompt(810 + i), "seed": 810 + i})[0])
-    ratio = statistics.median(after) / statistics.median(warm)
+    # paired: after the same 2.5 s idle, with the cache given back and (the control) with it kept, alternating;
+    # the control shows what idling costs by itself (the GPU's clocks drop when it idles)
+    after, kept = [], []
+    keep = engine.settings.keep_cache
+    try:
+        for i in range(runs):
+            for series, keep_cache in ((after, False), (kept, True)):
+                engine.settings.keep_cache = keep_cache
+                time.sleep(2.5)
+                series.append(_timed_generate(engine, {**base, "prompt": prompt(810 + 2 * i + keep_cache),
+                                                       "seed": 810 + i})[0])
+    finally:
+        engine.settings.keep_cache = keep
+    median = statistics.median
     return {"warm_s": [round(s, 4) for s in warm], "after_release_s": [round(s, 4) for s in after],
-            "ratio": round(ratio, 3), "releases": engine.releases}
+            "after_idle_cache_kept_s": [round(s, 4) for s in kept],
+            "ratio": round(median(after) / median(warm), 3),
+            "ratio_cache_kept": round(median(kept) / median(warm), 3),
+            "ratio_release_vs_kept": round(median(after) / median(kept), 3), "releases": engine.releases}
 
 
 def _http_sweep(engine: Any, options: Any, cohost_gib: float, prompt: Any, watch: ProcessWatch) -> dict[str, Any]:
