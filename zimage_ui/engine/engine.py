@@ -62,6 +62,7 @@ class Engine:
         self.last_release: dict[str, Any] | None = None
         self.oom_events: dict[str, int] = {"denoise": 0, "decode": 0}  # admitted jobs that ran out of memory
         self._released_since_active = False
+        self._release_lock = threading.Lock()
         self._file_book = book
         self._loader = loader
         self.book: PresetBook | None = None
@@ -234,7 +235,8 @@ class Engine:
 
         if self.settings.keep_cache or self.allocator is None:
             return 0
-        released, seconds = timed_release(self.allocator)
+        with self._release_lock:  # admission waits: mid-release, our own cache reads as another process's
+            released, seconds = timed_release(self.allocator)
         self._released_since_active = True
         self.releases += 1
         self.released_bytes += released
@@ -387,13 +389,16 @@ class Engine:
             if (purpose == "calibration" and loaded) or (purpose == "graph" and loaded and not compiled):
                 continue
             shape = WorkShape(request.width, request.height, request.batch, request.cfg)
-            if cuda and self.admit(request).state == "over":
+            admission = self.admit(request) if cuda else None
+            if admission is not None and admission.state == "over":
                 self.warmup_runs.append({"shape": str(shape), "purpose": purpose, "skipped": "predicted not to fit"})
                 continue
+            decode_batch = admission.decode_batch if admission is not None else None
             started = time.perf_counter()
-            output = self._warm_run(request)
+            output = self._warm_run(request, decode_batch)
             peak = self._job_peak(self.runners["turbo"])
-            samples.append((shape, peak))
+            if decode_batch is None and not output.recovered:  # a whole-batch decode: a calibration sample
+                samples.append((shape, peak))
             self.warmup_runs.append({"shape": str(shape), "purpose": purpose, "peak_working_bytes": peak,
                                      "seconds": round(time.perf_counter() - started, 3)})
             self.timer.record(request, output.timings["per_step_s"],
@@ -433,13 +438,13 @@ class Engine:
             except OSError as exc:
                 log.info("memory estimator: could not save what it learned: %s", exc)
 
-    def _warm_run(self, request: RunRequest) -> Any:
+    def _warm_run(self, request: RunRequest, decode_batch: int | None = None) -> Any:
         """One warm-up run; if compilation (or the probed attention backend under it) fails, step back and retry."""
         from .acceleration import fall_back
 
         while True:
             try:
-                return self.runners["turbo"].run(Job(request))
+                return self.runners["turbo"].run(Job(request), decode_batch=decode_batch)
             except JobFailed:
                 raise  # out of memory even after the tiled retry: not a compilation problem
             except Exception as exc:
@@ -577,7 +582,8 @@ class Engine:
         """The snapshot admission judges against: unloaded weights count as if back, and a VRAM budget caps the
         total at what the allocator may reserve (the cap: budget less the memory outside the allocator and its
         headroom) plus what lives outside it (``other``), so ``available = min(live free, cap − weights)``."""
-        snap = self.memory_snapshot()
+        with self._release_lock:
+            snap = self.memory_snapshot()
         if self.unloaded:
             snap = dataclasses.replace(snap, weights_bytes=max(snap.weights_bytes, self._unloaded_weights_bytes))
         if self.budget is not None and snap.device_kind == "cuda":

@@ -6,7 +6,6 @@ The only module that calls the diffusers pipeline. It runs on the serial worker'
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import threading
 import time
@@ -179,7 +178,8 @@ class PipelineRunner:
                          recovered=recovered, decode=plan.describe())
 
     def free_memory(self) -> None:
-        gc.collect()
+        """Before the denoise runs again: hand the cache back, so a co-host that just freed memory or a
+        fragmented cache gets a clean start."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.memory.free()
@@ -236,6 +236,7 @@ class PipelineRunner:
         images: list[Any] = []
         self.memory.reset_peak()
         while len(images) < len(latents):
+            failed: int | None = None
             try:
                 chunk = latents[len(images):len(images) + plan.chunk]
                 if self.decode_fault_hook is not None:
@@ -246,9 +247,12 @@ class PipelineRunner:
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                need = self.memory.peak_working() + tried_bytes(exc)
-                self.memory.out_of_memory(req, "decode", need)
-                self.free_memory()
+                failed = tried_bytes(exc)
+            if failed is not None:
+                # Out here the error's traceback, and the half-decoded tensors its frames held, are gone: their
+                # memory is back in the allocator's cache, where the smaller decode re-uses it at once. No
+                # gc.collect() or empty_cache() here: they cost more than the decode (docs/benchmarks.md).
+                self.memory.out_of_memory(req, "decode", self.memory.peak_working() + failed)
                 nxt = self.memory.decode_plan(req, self.memory.available(), plan)
                 if nxt is None:
                     raise JobFailed(f"out of memory decoding {req.width}x{req.height} even one image at a time in "
