@@ -465,10 +465,10 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
 
     # --- history --------------------------------------------------------------------------------------------
     def _history_or_error() -> History | JSONResponse:
+        if settings.kiosk:  # a public kiosk keeps (and shows) nobody what earlier visitors made
+            return _error(403, "history_off", "history is not kept in kiosk mode")
         if history is None:
             return _error(404, "no_history", "history is not kept by this server")
-        if settings.kiosk:  # a public kiosk shows nobody what earlier visitors made
-            return _error(403, "history_off", "history is not shown in kiosk mode")
         return history
 
     @app.get("/api/v1/history", tags=["history"], summary="Finished jobs, newest first (paged)",
