@@ -182,6 +182,8 @@ def header_text(text: str) -> str:
 
     >>> header_text("steps 999 → 16 (turbo allows 1–16)")
     'steps 999 -> 16 (turbo allows 1-16)'
+    >>> header_text("negative_prompt 'a \\ud800' → ''; é").isascii()
+    True
     """
     text = text.replace("→", "->").replace("–", "-")
     # keep printable ASCII readable; ';' separates clamps and '%' starts an escape, so those are encoded too.
