@@ -317,7 +317,7 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
              responses={503: {"description": "loading, warming, stopping, failed or unhealthy"}})
     async def readyz() -> JSONResponse:
         ready, status, reason = state.readiness(engine)
-        body = {"status": status, "reason": reason, "model": engine.model_info().get("label")}
+        body = {"status": status, "reason": without_paths(reason), "model": engine.model_info().get("label")}
         if ready:
             return JSONResponse(body)
         retry = NOT_READY_RETRY_S if status in ("new", "loading", "warming") else None
