@@ -291,7 +291,7 @@ def test_openapi_documents_auth_errors_and_types(classroom):
     metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
     generate = spec["paths"]["/api/v1/generate"]["post"]
-    assert {"409", "413", "422", "503"} <= set(generate["responses"])
+    assert {"401", "409", "413", "422", "429", "500", "503"} <= set(generate["responses"])
     preset = generate["requestBody"]["content"]["application/json"]["schema"]["properties"]["preset"]
     assert preset["anyOf"][0]["enum"] == ["turbo", "standard", "quality"]
     for path in ("/api/v1/history/{item_id}", "/api/v1/history/{item_id}/images/{index}"):

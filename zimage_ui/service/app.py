@@ -148,6 +148,7 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: _err("Predicted not to fit in memory now; the body gives the predicted need."),
     **_BAD_INPUT,
     429: _err("Rate limit (classroom setting) reached; see Retry-After."),
+    500: _err("The generation failed; the message says why (the server log has the rest)."),
     503: _err("Queue full, still loading, or shutting down; see Retry-After."),
     507: _err("Ran out of memory even with the tiled retry; try a smaller size or batch."),
 }
@@ -598,9 +599,14 @@ def _document_security(app: FastAPI, basic: bool) -> None:
             if basic:
                 schema["security"] = [{"basic": []}]
                 for path, item in schema.get("paths", {}).items():
-                    if path in HEALTH_PATHS:
-                        for operation in item.values():
+                    for operation in item.values():
+                        if path in HEALTH_PATHS:
                             operation["security"] = [{}, {"basic": []}]  # open unless --no-open-health
+                        responses = operation.setdefault("responses", {})
+                        responses.setdefault("401", {"description": "No valid HTTP Basic credentials."})
+                        responses.setdefault("429", {"description": "Too many wrong passwords from this address "
+                                                                    "(or the classroom rate limit); see "
+                                                                    "Retry-After."})
             app.openapi_schema = schema
         return app.openapi_schema
 
