@@ -31,6 +31,11 @@ _SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_h
                "rate_limit_per_minute", "watchdog_seconds", "grace_seconds", "history_db",
                "ui_gallery_max", "kiosk_idle_seconds")
 
+# The server's door limits (docs/deployment.md, "Security defaults"): serve-only flags too.
+_DOOR_FLAGS = ("allowed_hosts", "login_failures_per_minute", "max_connections", "header_timeout_seconds")
+_SETTING_FLAGS += _DOOR_FLAGS
+_SERVE_ONLY += _DOOR_FLAGS
+
 
 class CliError(Exception):
     """A one-line error for the user; main() prints it and exits 2."""

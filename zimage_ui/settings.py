@@ -104,6 +104,20 @@ class Settings(BaseSettings):
                                                                         "start per minute (0 = no limit). When "
                                                                         "set, jobs_per_client also applies per "
                                                                         "address to the API.")
+    allowed_hosts: str = Field("", description="Comma-separated host names (or addresses) the server answers to, "
+                                               "besides localhost, 127.0.0.1 and [::1]. Bound to loopback, every "
+                                               "other Host header is refused (a DNS-rebinding guard); bound to a LAN "
+                                               "address, the check is on once this is set. '*' = any host.")
+    login_failures_per_minute: int = Field(10, ge=0, le=10_000, description="Wrong passwords one client address "
+                                                                            "may try per minute before its logins "
+                                                                            "are refused for a while (429 with "
+                                                                            "Retry-After; 0 = no throttle).")
+    max_connections: int = Field(200, ge=8, le=100_000, description="Open connections (and requests in flight) "
+                                                                   "served at once; requests beyond get 503.")
+    header_timeout_seconds: float = Field(10.0, gt=0, le=600, description="A connection must send a request's "
+                                                                         "headers within this long (after "
+                                                                         "connecting, or after its previous "
+                                                                         "answer), else it is closed.")
     watchdog_seconds: float = Field(600.0, ge=0, description="A running job that makes no progress for this "
                                                              "long marks the server unhealthy and exits it so "
                                                              "a supervisor restarts it (0 = off).")

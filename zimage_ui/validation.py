@@ -183,6 +183,12 @@ class _Fields:
             self.error(name, f"expected text, got {type(value).__name__}")
             return ""
         cleaned = value.replace("\x00", "").strip()
+        try:
+            cleaned.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON): no tokenizer, file or header takes it
+            self.error(name, f"not valid Unicode text (a lone surrogate, {cleaned[exc.start]!a}, at character "
+                             f"{exc.start + 1})")
+            return ""
         if required and not cleaned:
             self.error(name, "must not be empty")
         if len(cleaned) > MAX_PROMPT_CHARS:

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,15 @@ from urllib.parse import quote
 
 import anyio
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.routing import Match
 
 from .. import __version__
 from ..engine.jobs import ClientBusy, Job, JobFailed, JobResult, JobState, MemoryRefused, NotReady, QueueFull
@@ -42,13 +47,28 @@ from ..settings import Settings
 from ..validation import Change, RequestError
 from .history import History
 from .metrics import ServiceMetrics
-from .security import HEALTH_PATHS, SERVICE_PREFIXES, GuardMiddleware, RateLimiter, allowed_origins, load_users
+from .security import (
+    HEALTH_PATHS,
+    SERVICE_PREFIXES,
+    BodyLimitMiddleware,
+    GradioDoorsMiddleware,
+    GuardMiddleware,
+    LoginThrottle,
+    RateLimiter,
+    allowed_hosts,
+    allowed_origins,
+    load_users,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024  # a prompt is at most 8000 characters; anything far bigger is not a request
 DISCONNECT_POLL_S = 0.2  # how quickly a dropped client's job is cancelled
 NOT_READY_RETRY_S = 5
+MAX_HISTORY_ID = 2**63 - 1  # SQLite's largest integer
+MAX_IMAGE_INDEX = 10_000
+# Where a message would name a file on the server: an absolute path of two or more parts (POSIX or Windows).
+_ABSOLUTE_PATH = re.compile(r"(?:(?<![\w.:/])/|\b[A-Za-z]:\\)[^\s'\"():;,]+(?:[/\\][^\s'\"():;,]+)+")
 
 
 @dataclasses.dataclass
@@ -89,26 +109,65 @@ class GenerateBody(BaseModel):
     model_config = {"extra": "forbid"}
 
 
-_GENERATE_OPENAPI = {
-    "requestBody": {"required": True,
-                    "content": {"application/json": {"schema": GenerateBody.model_json_schema()}}},
+class ErrorBody(BaseModel):
+    """Every error answer of the API."""
+
+    error: str = Field(..., description="A short code: invalid_request, body_too_large, queue_full, ...")
+    message: str = Field(..., description="What is wrong, in one line; names the field when one is to blame.")
+    field: str | None = Field(None, description="The request field to blame (422, 413).")
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"description": description, "model": ErrorBody}
+
+
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {
+    413: _err("The body is larger than the server takes."),
+    422: _err("Not a request: `field` names the culprit."),
 }
+_HISTORY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    403: _err("Kiosk mode keeps no history to show."),
+    404: _err("No such item, or this server keeps no history."),
+    422: _err("A parameter out of range: `field` names it."),
+}
+
+
+def _generate_openapi(preset_names: list[str]) -> dict[str, Any]:
+    schema = GenerateBody.model_json_schema()
+    if preset_names:  # the names the validator knows (it takes their labels too, in any case)
+        schema["properties"]["preset"] = {"anyOf": [{"type": "string", "enum": preset_names}, {"type": "null"}],
+                                          "default": None, "title": "Preset",
+                                          "description": schema["properties"]["preset"].get("description")}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The first image as PNG (its `parameters` chunk carries the seed); with "
                          "`Accept: application/json`, every image base64 with the request, clamps and timings.",
-          "content": {"image/png": {}, "application/json": {}}},
-    409: {"description": "Predicted not to fit in memory now; the body gives the predicted need."},
-    422: {"description": "Not a request: the message names the field."},
-    429: {"description": "Rate limit (classroom setting) reached; see Retry-After."},
-    503: {"description": "Queue full, still loading, or shutting down; see Retry-After."},
-    507: {"description": "Ran out of memory even with the tiled retry; try a smaller size or batch."},
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}, "application/json": {}}},
+    409: _err("Predicted not to fit in memory now; the body gives the predicted need."),
+    **_BAD_INPUT,
+    429: _err("Rate limit (classroom setting) reached; see Retry-After."),
+    500: _err("The generation failed; the message says why (the server log has the rest)."),
+    503: _err("Queue full, still loading, or shutting down; see Retry-After."),
+    507: _err("Ran out of memory even with the tiled retry; try a smaller size or batch."),
 }
+
+
+def without_paths(text: str) -> str:
+    """``text`` with absolute file paths replaced by their last part: answers never show the server's folders.
+
+    >>> without_paths("cannot open /home/ops/outputs/2026/x.png: gone")
+    'cannot open …/x.png: gone'
+    """
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + re.split(r"[/\\]", m.group(0))[-1], text)
 
 
 def _error(status: int, code: str, message: str, *, retry_after: float | None = None,
            **extra: Any) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
+    return JSONResponse({"error": code, "message": without_paths(message), **extra}, status_code=status,
+                        headers=headers)
 
 
 def _invalid(errors: list[tuple[str, str]]) -> JSONResponse:
@@ -124,10 +183,13 @@ def header_text(text: str) -> str:
 
     >>> header_text("steps 999 → 16 (turbo allows 1–16)")
     'steps 999 -> 16 (turbo allows 1-16)'
+    >>> header_text("negative_prompt 'a \\ud800' → ''; é").isascii()
+    True
     """
     text = text.replace("→", "->").replace("–", "-")
-    # keep printable ASCII readable; ';' separates clamps and '%' starts an escape, so those are encoded too
-    return quote(text, safe=" !\"#$&'()*+,-./:<=>?@[\\]^_`{|}~")
+    # keep printable ASCII readable; ';' separates clamps and '%' starts an escape, so those are encoded too.
+    # Text that is not valid Unicode (a lone surrogate) still gives ASCII: escaped, never an exception.
+    return quote(text, safe=" !\"#$&'()*+,-./:<=>?@[\\]^_`{|}~", errors="backslashreplace")
 
 
 def is_seed_draw(change: Change) -> bool:
@@ -225,7 +287,9 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
     users = load_users(settings)
     origins = allowed_origins(settings)
     if history is True:
-        history = History(Path(settings.history_db or Path(settings.output_dir) / "history.sqlite3"))
+        # a kiosk keeps no history at all: nothing of one visitor's is left for the next to find
+        history = None if settings.kiosk else History(
+            Path(settings.history_db or Path(settings.output_dir) / "history.sqlite3"))
     history = history or None
     if metrics is None:
         metrics = ServiceMetrics(engine, unhealthy=lambda: state.fatal is not None or state.draining)
@@ -254,20 +318,24 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
              responses={503: {"description": "loading, warming, stopping, failed or unhealthy"}})
     async def readyz() -> JSONResponse:
         ready, status, reason = state.readiness(engine)
-        body = {"status": status, "reason": reason, "model": engine.model_info().get("label")}
+        body = {"status": status, "reason": without_paths(reason), "model": engine.model_info().get("label")}
         if ready:
             return JSONResponse(body)
         retry = NOT_READY_RETRY_S if status in ("new", "loading", "warming") else None
         return JSONResponse(body, status_code=503,
                             headers={"Retry-After": str(retry)} if retry is not None else None)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (zimage_ series)")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (zimage_ series)",
+             response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
     async def metrics_route() -> Response:
         body, content_type = await run_in_threadpool(metrics.render)
         return Response(body, media_type=content_type)
 
     # --- information ----------------------------------------------------------------------------------------
-    @app.get("/api/v1/vram", tags=["api"], summary="The memory probe's snapshot (bytes by segment)")
+    @app.get("/api/v1/vram", tags=["api"], summary="The memory probe's snapshot (bytes by segment)",
+             responses={503: _err("No memory reading yet (still loading); see Retry-After.")})
     async def vram() -> JSONResponse:
         if getattr(engine, "probe", None) is None:
             ready, status, reason = state.readiness(engine)
@@ -291,8 +359,13 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
                           "running": bool(worker and worker.running and not worker.running.done)}}
 
     # --- generate -------------------------------------------------------------------------------------------
+    try:
+        preset_names = list(engine.presets().presets)
+    except Exception:  # an engine without a preset book still gets a schema
+        preset_names = []
+
     @app.post("/api/v1/generate", tags=["api"], summary="Make image(s); PNG by default, JSON on request",
-              openapi_extra=_GENERATE_OPENAPI, responses=_GENERATE_RESPONSES, response_class=Response)
+              openapi_extra=_generate_openapi(preset_names), responses=_GENERATE_RESPONSES, response_class=Response)
     async def generate(request: Request) -> Response:
         try:
             raw = await _read_json(request)
@@ -366,6 +439,7 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
             error = job.error
             if isinstance(error, JobFailed) and error.kind == "oom":
                 return _error(507, "out_of_memory", str(error))
+            log.error("%s failed: %s", job.id, error)  # the full text (paths included) stays in the log
             return _error(500, "generation_failed", f"generation failed: {error}")
         result = job.result
         assert result is not None  # DONE always carries a result
@@ -394,13 +468,14 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
 
     # --- history --------------------------------------------------------------------------------------------
     def _history_or_error() -> History | JSONResponse:
+        if settings.kiosk:  # a public kiosk keeps (and shows) nobody what earlier visitors made
+            return _error(403, "history_off", "history is not kept in kiosk mode")
         if history is None:
             return _error(404, "no_history", "history is not kept by this server")
-        if settings.kiosk:  # a public kiosk shows nobody what earlier visitors made
-            return _error(403, "history_off", "history is not shown in kiosk mode")
         return history
 
-    @app.get("/api/v1/history", tags=["history"], summary="Finished jobs, newest first (paged)")
+    @app.get("/api/v1/history", tags=["history"], summary="Finished jobs, newest first (paged)",
+             responses={k: v for k, v in _HISTORY_RESPONSES.items()})
     async def history_page(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10**9),
                            outcome: str | None = Query(None, pattern="^(ok|cancelled|oom|error)$")) -> Response:
         store = _history_or_error()
@@ -410,8 +485,11 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         page["items"] = [_history_item(item, output_dir) for item in page["items"]]
         return JSONResponse(page)
 
-    @app.get("/api/v1/history/{item_id}", tags=["history"], summary="One finished job")
-    async def history_item(item_id: int) -> Response:
+    history_id = PathParam(..., ge=1, le=MAX_HISTORY_ID, description="The id of a history row.")
+
+    @app.get("/api/v1/history/{item_id}", tags=["history"], summary="One finished job",
+             responses=_HISTORY_RESPONSES)
+    async def history_item(item_id: int = history_id) -> Response:
         store = _history_or_error()
         if isinstance(store, JSONResponse):
             return store
@@ -421,8 +499,11 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         return JSONResponse(_history_item(item, output_dir))
 
     @app.get("/api/v1/history/{item_id}/images/{index}", tags=["history"], summary="A saved image (PNG)",
-             response_class=FileResponse)
-    async def history_image(item_id: int, index: int) -> Response:
+             response_class=FileResponse, responses={200: {"content": {"image/png": {"schema": {
+                 "type": "string", "format": "binary"}}}}, **_HISTORY_RESPONSES})
+    async def history_image(item_id: int = history_id,
+                            index: int = PathParam(..., ge=0, le=MAX_IMAGE_INDEX,
+                                                   description="Which image of the row (0 = first).")) -> Response:
         store = _history_or_error()
         if isinstance(store, JSONResponse):
             return store
@@ -458,15 +539,78 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
             return path.startswith(SERVICE_PREFIXES) or path == "/docs/oauth2-redirect"
         return True
 
-    # CORS outermost so preflights from listed origins are answered; the guard refuses every other origin.
-    app.add_middleware(GuardMiddleware, users=users, origins=origins, protected=protected)
+    # Starlette adds each middleware around the ones before: the last added sees a request first.
+    # Innermost: wrong methods on our routes are 405 (the UI mounted at "/" would answer them 404).
+    app.add_middleware(WrongMethodMiddleware, routes=[r for r in app.routes if isinstance(r, APIRoute)])
+    if mount:
+        from gradio.route_utils import API_PREFIX
+        from gradio.utils import get_upload_folder
+
+        app.add_middleware(GradioDoorsMiddleware, prefix=API_PREFIX, cache_dirs=[get_upload_folder()])
+    app.add_middleware(BodyLimitMiddleware)
+    throttle = LoginThrottle(settings.login_failures_per_minute) if settings.login_failures_per_minute else None
+    app.add_middleware(GuardMiddleware, users=users, origins=origins, protected=protected, throttle=throttle,
+                       login_paths=("/login", "/login/") if ui_guarded else ())
+    # CORS outside the guard so preflights from listed origins are answered; the guard refuses every other origin.
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
                            expose_headers=["X-Zimage-Seed", "X-Zimage-Seeds", "X-Zimage-Clamped",
                                            "X-Zimage-Job", "X-Zimage-History-Id", "Retry-After"],
                            allow_credentials=True)
+    hosts = allowed_hosts(settings)
+    if hosts is not None:  # outermost: a request for a name this server does not answer to goes no further
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+    _document_security(app, bool(users))
     return app
+
+
+class WrongMethodMiddleware:
+    """405 with ``Allow`` for a path of ours asked with a method it does not take. Without it the request falls
+    through to the UI mounted at ``/``, which answers 404 as if the route did not exist."""
+
+    def __init__(self, app: Any, *, routes: list[APIRoute]):
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            matches = [(route, route.matches(scope)[0]) for route in self.routes]
+            if not any(m == Match.FULL for _, m in matches) and any(m == Match.PARTIAL for _, m in matches):
+                allow = sorted({method for route, m in matches if m == Match.PARTIAL for method in route.methods})
+                response = _error(405, "method_not_allowed", f"{scope['method']} is not allowed here; use "
+                                  f"{' or '.join(allow)}")
+                response.headers["Allow"] = ", ".join(allow)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _document_security(app: FastAPI, basic: bool) -> None:
+    """OpenAPI: the HTTP Basic scheme (required on every operation when the server has users)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["basic"] = {
+                "type": "http", "scheme": "basic",
+                "description": "The users of --auth / --auth-file; only when the server has some."}
+            if basic:
+                schema["security"] = [{"basic": []}]
+                for path, item in schema.get("paths", {}).items():
+                    for operation in item.values():
+                        if path in HEALTH_PATHS:
+                            operation["security"] = [{}, {"basic": []}]  # open unless --no-open-health
+                        responses = operation.setdefault("responses", {})
+                        responses.setdefault("401", {"description": "No valid HTTP Basic credentials."})
+                        responses.setdefault("429", {"description": "Too many wrong passwords from this address "
+                                                                    "(or the classroom rate limit); see "
+                                                                    "Retry-After."})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _jsonable(value: Any) -> Any:

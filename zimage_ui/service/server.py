@@ -23,6 +23,7 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine.jobs import Job, JobState
 from ..settings import Settings
@@ -38,6 +39,10 @@ FATAL_LINGER_S = 2.0  # /readyz shows the reason this long before the process ex
 # browser tab's event stream) are cut after it instead of holding the exit for the whole grace period.
 SEND_ANSWERS_S = 5
 WATCH_INTERVAL_S = 0.5
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this long
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; a longer head is answered 400
+LOG_REPEATS = 5  # the same log line at most this often per LOG_WINDOW_S; the rest are counted
+LOG_WINDOW_S = 10.0
 
 # Errors after which the CUDA context is unusable until the process ends (every later call fails too).
 STICKY_CUDA_ERROR = re.compile(
@@ -67,6 +72,85 @@ def loopback_socket() -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets the same log line (logger and message template) through at most ``repeats`` times per ``window_s``,
+    and says how many it held back: a flood of bad requests must not become a flood of log.
+
+    >>> f = RepeatLimiter(repeats=2, window_s=10)
+    >>> rec = lambda: logging.LogRecord("x", logging.WARNING, "", 0, "Invalid HTTP request received.", None, None)
+    >>> [f.filter(rec()) for _ in range(4)]
+    [True, True, False, False]
+    """
+
+    def __init__(self, repeats: int = LOG_REPEATS, window_s: float = LOG_WINDOW_S):
+        super().__init__()
+        self.repeats, self.window_s = repeats, window_s
+        self._seen: dict[tuple[str, str], list[float]] = {}  # key -> [window start, count, held back]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is None or now - entry[0] >= self.window_s:
+                held = int(entry[2]) if entry else 0
+                if len(self._seen) > 1000:  # many distinct lines: forget the old windows
+                    self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
+                self._seen[key] = [now, 1, 0]
+                if held:
+                    record.msg = f"{record.msg} ({held} more like this were not logged)"
+                return True
+            entry[1] += 1
+            if entry[1] <= self.repeats:
+                return True
+            entry[2] += 1
+            return False
+
+
+def _header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within ``seconds`` of
+    connecting or of its previous answer. uvicorn has no such timeout: without it, clients that trickle header
+    bytes (slowloris) hold their connections, and file descriptors, forever."""
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_deadline = self.loop.call_later(seconds, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_late(self) -> None:
+            self._head_deadline = None
+            waiting_for_head = self.cycle is None or self.cycle.response_complete
+            if waiting_for_head and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._disarm()  # the connection now belongs to the websocket protocol
+            super().handle_websocket_upgrade(event)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11Protocol
 
 
 class _QuietCancelledStreams(logging.Filter):
@@ -134,10 +218,16 @@ class Service:
         grace = settings.grace_seconds
         config = uvicorn.Config(self.app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 access_log=settings.log_level == "debug", server_header=False,
-                                timeout_graceful_shutdown=int(grace) + SEND_ANSWERS_S, lifespan="auto")
+                                timeout_graceful_shutdown=int(grace) + SEND_ANSWERS_S, lifespan="auto",
+                                http=_header_timeout_protocol(settings.header_timeout_seconds),
+                                limit_concurrency=settings.max_connections, timeout_keep_alive=KEEP_ALIVE_S,
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         self.server = _Uvicorn(config, self)
         # after Config: it (re)configures uvicorn's loggers
         logging.getLogger("uvicorn.error").addFilter(_QuietCancelledStreams(self.state))
+        for name in ("uvicorn.error", "asyncio"):  # per request or per accept(): these can repeat thousands of times
+            if not any(isinstance(f, RepeatLimiter) for f in logging.getLogger(name).filters):
+                logging.getLogger(name).addFilter(RepeatLimiter())
 
     # --- running --------------------------------------------------------------------------------------------
     @property
