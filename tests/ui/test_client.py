@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from zimage_ui.metadata import read_metadata
 
@@ -84,9 +85,11 @@ def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine)
         running = tab_a.submit(*SLOW, api_name="/generate")
         wait_until(lambda: any(s.startswith("Step ") for s in statuses(running)), timeout=60)
 
-        # the same session again: refused with a clear message, not queued
-        again = tab_a.predict(*FAST, api_name="/generate")
-        assert again[0] == "You already have a job waiting or running. Wait for it, or press Cancel first."
+        # the same session again: refused with a clear message, not queued, and as an error: a client that
+        # only looks at the result must not take the refusal for a finished run
+        with pytest.raises(AppError, match="You already have a job waiting or running"):
+            tab_a.predict(*FAST, api_name="/generate")
+        assert demo_engine.worker.depth == 0
 
         # another session: no error, a queue position and an ETA
         waiting = tab_b.submit(*FAST, api_name="/generate")

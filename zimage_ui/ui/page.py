@@ -401,11 +401,9 @@ class Page:
         try:
             validated = self.engine.validate(self.raw_request(values))
         except RequestError as exc:
-            yield {w.status: t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors))}
-            return
+            yield from refuse(w, t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors)))
         except EngineError as exc:
-            yield {w.status: t(lang, "status_not_ready", reason=str(exc))}
-            return
+            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
         first: dict[Any, Any] = {w.status: t(lang, "status_submitting"), w.last_active: time.monotonic()}
         note = self.notice(validated, lang, applied=True)
         if note:
@@ -413,27 +411,23 @@ class Page:
         try:
             job = self.engine.submit(validated, owner=owner)
         except ClientBusy:
-            yield {w.status: t(lang, "busy")}
-            return
+            yield from refuse(w, t(lang, "busy"))
         except QueueFull as exc:
-            yield {w.status: t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}")}
-            return
+            yield from refuse(w, t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}"))
         except MemoryRefused as exc:
-            yield {w.status: t(lang, "memory_refused", message=exc.admission.message)}
-            return
+            yield from refuse(w, t(lang, "memory_refused", message=exc.admission.message))
         except (NotReady, EngineError) as exc:
-            yield {w.status: t(lang, "status_not_ready", reason=str(exc))}
-            return
+            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
         changed = threading.Event()
         job.on_change(lambda _job: changed.set())
         try:
             yield first
-            last = None
             while not job.done:
-                text = self.progress_text(self.engine.status(job), lang)
-                if text != last:
-                    yield {w.status: text}
-                    last = text
+                # Yield at least every POLL_S, changed or not: Gradio notices a tab whose stream has gone only
+                # between two items, and closes this generator then (its ``finally`` cancels the job). Waiting
+                # in here for the text to change kept a closed tab's job alive for as long as a step, or for
+                # ever for a queued job whose line stays the same.
+                yield {w.status: self.progress_text(self.engine.status(job), lang)}
                 changed.wait(POLL_S)
                 changed.clear()
             final = self.finished(job, history, lang)
@@ -698,6 +692,13 @@ def merge_updates(out: dict[Any, Any], more: dict[Any, Any]) -> dict[Any, Any]:
         new_u = new if _is_update(new) else {"__type__": "update", "value": new}
         out[component] = {**old_u, **new_u}
     return out
+
+
+def refuse(w: Widgets, message: str) -> Iterator[dict[Any, Any]]:
+    """A job that was not started: the status line says why, and the event ends in an error (a toast in the
+    browser, an exception in gradio_client), not in a result that looks like success."""
+    yield {w.status: message}
+    raise gr.Error(message, print_exception=False)
 
 
 def notice_update(text: str) -> Any:
