@@ -95,10 +95,11 @@ class Settings(BaseSettings):
                                                 "supervisor and Prometheus checks.")
     cors_origins: str = Field("", description="Comma-separated browser origins (https://host:port) allowed to "
                                               "call the API from other pages; empty = same origin only.")
-    rate_limit_per_minute: int = Field(0, ge=0, le=100_000, description="Generations one client address may "
-                                                                        "start per minute (0 = no limit). When "
-                                                                        "set, jobs_per_client also applies per "
-                                                                        "address to the API.")
+    rate_limit_per_minute: int = Field(0, ge=0, le=100_000, description="Generations one client (address, "
+                                                                        "plus login) may start per minute, web "
+                                                                        "UI and API together (0 = no limit). "
+                                                                        "When set, jobs_per_client counts a "
+                                                                        "client's tabs and API calls together.")
     watchdog_seconds: float = Field(600.0, ge=0, description="A running job that makes no progress for this "
                                                              "long marks the server unhealthy and exits it so "
                                                              "a supervisor restarts it (0 = off).")
