@@ -100,10 +100,11 @@ class Settings(BaseSettings):
                                                 "supervisor and Prometheus checks.")
     cors_origins: str = Field("", description="Comma-separated browser origins (https://host:port) allowed to "
                                               "call the API from other pages; empty = same origin only.")
-    rate_limit_per_minute: int = Field(0, ge=0, le=100_000, description="Generations one client address may "
-                                                                        "start per minute (0 = no limit). When "
-                                                                        "set, jobs_per_client also applies per "
-                                                                        "address to the API.")
+    rate_limit_per_minute: int = Field(0, ge=0, le=100_000, description="Generations one client (address, "
+                                                                        "plus login) may start per minute, web "
+                                                                        "UI and API together (0 = no limit). "
+                                                                        "When set, jobs_per_client counts a "
+                                                                        "client's tabs and API calls together.")
     allowed_hosts: str = Field("", description="Comma-separated host names (or addresses) the server answers to, "
                                                "besides localhost, 127.0.0.1 and [::1]. Bound to loopback, every "
                                                "other Host header is refused (a DNS-rebinding guard); bound to a LAN "

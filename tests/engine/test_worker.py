@@ -134,3 +134,48 @@ def test_a_failing_job_does_not_kill_the_worker():
         assert good.wait(5).seeds == [1]
     finally:
         w.stop(0)
+
+
+class Paced:
+    """An execute function whose steps take ``step_s`` each (a machine faster than the timer has learnt)."""
+
+    def __init__(self, step_s: float):
+        self.step_s = step_s
+
+    def __call__(self, job: Job) -> JobResult:
+        for step in range(1, job.request.steps + 1):
+            if job.cancel_requested:
+                raise JobCancelled(job.id)
+            time.sleep(self.step_s)
+            job.mark_step(step, job.request.steps)
+        return JobResult([], [job.request.seed], job.request, (), [], "t", "t", {}, 0)
+
+
+def test_eta_follows_the_running_jobs_own_steps_not_the_learnt_average():
+    """After a busy period the timer has learnt steps 10x slower than they now take: the running job's time left,
+    and the queue's behind it, come from the steps it has measured, and count down between steps."""
+    req = RunRequest("x", "", "turbo", 20, 0.0, 256, 256, 1, 1)
+    w = SerialWorker(Paced(0.1), max_queue=2, jobs_per_client=1)
+    w.timer.record(req, step_seconds=1.0, overhead_seconds=0.0)  # what the slow period taught it
+    w.start()
+    try:
+        running = w.submit(Job(req))
+        waiting = w.submit(Job(req))
+        wait_for(lambda: running.step >= 6)
+        asked = time.monotonic()
+        eta_running, eta_waiting = w.eta(running), w.eta(waiting)
+        countdown = []  # two readings within one step
+        while not countdown and running.step < 18:
+            step, first = running.step, w.eta(running)
+            time.sleep(0.02)
+            if running.step == step:
+                countdown = [first, w.eta(running)]
+        running.wait(10)
+        truth_running = running.finished - asked
+        waiting.wait(10)
+        truth_waiting = waiting.finished - asked
+    finally:
+        w.stop(0)
+    assert 0.5 * truth_running < eta_running < 2 * truth_running, (eta_running, truth_running)
+    assert 0.5 * truth_waiting < eta_waiting < 2 * truth_waiting, (eta_waiting, truth_waiting)
+    assert countdown and countdown[1] < countdown[0], countdown  # it counts down with time, not only at each step

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from zimage_ui.metadata import read_metadata
 
@@ -84,9 +85,11 @@ def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine)
         running = tab_a.submit(*SLOW, api_name="/generate")
         wait_until(lambda: any(s.startswith("Step ") for s in statuses(running)), timeout=60)
 
-        # the same session again: refused with a clear message, not queued
-        again = tab_a.predict(*FAST, api_name="/generate")
-        assert again[0] == "You already have a job waiting or running. Wait for it, or press Cancel first."
+        # the same session again: refused with a clear message, not queued, and as an error: a client that
+        # only looks at the result must not take the refusal for a finished run
+        with pytest.raises(AppError, match="You already have a job waiting or running"):
+            tab_a.predict(*FAST, api_name="/generate")
+        assert demo_engine.worker.depth == 0
 
         # another session: no error, a queue position and an ETA
         waiting = tab_b.submit(*FAST, api_name="/generate")
@@ -115,3 +118,38 @@ def test_the_queue_cannot_be_bypassed(page_url):
     for route in ("gradio_api/run/generate", "gradio_api/api/generate"):
         response = httpx.post(page_url + route, json={"data": list(FAST)}, timeout=10)
         assert response.status_code == 404 and "join the queue" in response.text
+
+
+def test_time_left_follows_the_running_jobs_own_steps(client, demo_engine):
+    """After a busy period the learnt step time is far too high (here 10x); the status line's time left must
+    follow the steps this job measures, not the learnt average."""
+    import re
+
+    from zimage_ui.validation import RunRequest
+
+    timer = demo_engine.timer
+    saved = dict(vars(timer))
+    request = RunRequest("x", "", "turbo", 16, 0.0, 768, 768, 1, 1)
+    slow = timer.step_seconds(request) * 10
+    for _ in range(30):  # the exponential average forgets the real speed
+        timer.record(request, step_seconds=slow, overhead_seconds=timer.job_seconds(request, request.steps))
+    try:
+        job = client.submit(*args(FAST, steps=16, width=768, height=768), api_name="/generate")
+        seen: list[tuple[float, str]] = []
+        while not job.done():
+            outputs = job.outputs()
+            for out in outputs[len(seen):]:
+                seen.append((time.monotonic(), out[0] if isinstance(out[0], str) else ""))
+            time.sleep(0.02)
+        status = job.result(timeout=60)[0]
+    finally:
+        timer.__dict__.update(saved)
+    assert status.startswith("1 image")
+    steps_end = next(t for t, s in seen if s.startswith(("Decoding", "1 image")))
+    ratios = []
+    for at, text in seen:
+        match = re.match(r"Step (\d+)/16 · ([\d.]+) s left", text)
+        if match and int(match[1]) >= 4:
+            ratios.append(float(match[2]) / max(steps_end - at, 0.3))
+    assert ratios, [s for _, s in seen]
+    assert all(1 / 3 < r < 3 for r in ratios), ratios

@@ -1,4 +1,16 @@
-"""Running estimates of how long a job takes, from measured time per step (no hard-coded speeds)."""
+"""Running estimates of how long a job takes, from measured time per step (no hard-coded speeds).
+
+:class:`StepTimer` learns from finished jobs, for jobs that have not started; :class:`JobPace` times the running
+job's own steps, which is what its time left, and the queue behind it, should follow: the learnt average lags
+behind a machine that just got faster (another process stopped using the GPU) or slower.
+
+    >>> pace = JobPace()
+    >>> pace.mark(1, 10.0); pace.mark(3, 11.0)
+    >>> pace.seconds_per_step()
+    0.5
+    >>> pace.seconds_left(total_steps=8, now=11.2)
+    2.3
+"""
 
 from __future__ import annotations
 
@@ -41,9 +53,57 @@ class StepTimer:
     def step_seconds(self, request: RunRequest) -> float | None:
         return None if self._per_unit is None else self._per_unit * self.units(request)
 
+    def overhead_seconds(self, request: RunRequest) -> float:
+        """The learnt fixed part of a job (prompt encode + decode) for ``request``'s size; 0 before any."""
+        return (self._overhead_per_pixel or 0.0) * request.pixels * request.batch
+
     def job_seconds(self, request: RunRequest, steps_done: int = 0) -> float | None:
         per_step = self.step_seconds(request)
         if per_step is None:
             return None
-        overhead = (self._overhead_per_pixel or 0.0) * request.pixels * request.batch
-        return per_step * max(request.steps - steps_done, 0) + overhead
+        return per_step * max(request.steps - steps_done, 0) + self.overhead_seconds(request)
+
+
+class JobPace:
+    """When each step of one running job ended: its own seconds per step and its time left.
+
+    The first step is not a measure (it starts after the prompt encode); from the second on, the pace is the
+    mean over the steps seen, and the time left counts down between steps instead of waiting for the next one.
+    """
+
+    def __init__(self) -> None:
+        self._first: tuple[int, float] | None = None
+        self._last: tuple[int, float] | None = None
+        self._lock = threading.Lock()
+
+    def mark(self, step: int, now: float) -> None:
+        """Step ``step`` (1-based) ended at ``now`` (``time.monotonic()``)."""
+        if step < 1:
+            return
+        with self._lock:
+            if self._first is None:
+                self._first = (step, now)
+            if self._last is None or step > self._last[0]:
+                self._last = (step, now)
+
+    def seconds_per_step(self) -> float | None:
+        """Mean seconds per step since the first one ended; None until two steps have."""
+        with self._lock:
+            first, last = self._first, self._last
+        if first is None or last is None or last[0] <= first[0]:
+            return None
+        return (last[1] - first[1]) / (last[0] - first[0])
+
+    def seconds_left(self, total_steps: int, now: float) -> float | None:
+        """Seconds until the last step ends, counted down from the last step's end; None until measured.
+
+        A step that runs longer than the pace is taken to end now, not to have gone negative."""
+        per_step = self.seconds_per_step()
+        if per_step is None:
+            return None
+        with self._lock:
+            step, at = self._last  # type: ignore[misc]  # set whenever per_step is
+        remaining = max(total_steps - step, 0)
+        if remaining == 0:
+            return 0.0
+        return round(max(per_step * remaining - (now - at), per_step * (remaining - 1)), 6)

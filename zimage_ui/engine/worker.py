@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .eta import StepTimer
+from .eta import JobPace, StepTimer
 from .jobs import ClientBusy, Job, JobCancelled, JobFailed, JobResult, JobState, JobStatus, QueueFull
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class SerialWorker:
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
         self._running: Job | None = None
+        self._pace: JobPace | None = None  # the running job's own step times
         self._cond = threading.Condition()
         self._stopping = False
         self._accepting = True
@@ -141,17 +142,23 @@ class SerialWorker:
                 return 0
 
     def eta(self, job: Job) -> float | None:
-        """Seconds until ``job`` is done: the running job's rest, the jobs ahead, then its own."""
+        """Seconds until ``job`` is done: the running job's rest, the jobs ahead, then its own.
+
+        The running job's rest follows its own measured steps once it has two; the learnt estimates of the jobs
+        behind it are scaled by how far its pace is from what was learnt (the machine is faster or slower now
+        than the average of past jobs says)."""
         if job.done:
             return 0.0
         with self._cond:
             ahead = list(self._queue)[: self._queue.index(job)] if job in self._queue else []
-            running = self._running
+            running, pace = self._running, self._pace
+        now = time.monotonic()
+        scale = self._scale(running, pace)
         if job is running:
-            return self.timer.job_seconds(job.request, job.step)
+            return self._rest(job, pace, scale, now)
         total = 0.0
         if running is not None and not running.done:
-            rest = self.timer.job_seconds(running.request, running.step)
+            rest = self._rest(running, pace, scale, now)
             if rest is None:
                 return None
             total += rest
@@ -159,8 +166,20 @@ class SerialWorker:
             seconds = self.timer.job_seconds(other.request)
             if seconds is None:
                 return None
-            total += seconds
+            total += seconds * scale
         return total
+
+    def _scale(self, running: Job | None, pace: JobPace | None) -> float:
+        """Measured seconds per step of the running job ÷ the learnt ones (1 until both are known)."""
+        measured = pace.seconds_per_step() if pace is not None and running is not None else None
+        learnt = self.timer.step_seconds(running.request) if running is not None else None
+        return measured / learnt if measured is not None and learnt else 1.0
+
+    def _rest(self, job: Job, pace: JobPace | None, scale: float, now: float) -> float | None:
+        steps_left = pace.seconds_left(job.total_steps, now) if pace is not None else None
+        if steps_left is None:
+            return self.timer.job_seconds(job.request, job.step)
+        return steps_left + self.timer.overhead_seconds(job.request) * scale
 
     def status(self, job: Job) -> JobStatus:
         now = time.monotonic()
@@ -176,7 +195,10 @@ class SerialWorker:
 
     # --- the loop --------------------------------------------------------------------------------------------
     def _on_job_change(self, job: Job) -> None:
-        self.last_heartbeat = time.monotonic()
+        self.last_heartbeat = now = time.monotonic()
+        pace = self._pace
+        if pace is not None and job is self._running:
+            pace.mark(job.step, now)
 
     def _notify_positions(self) -> None:
         for waiting in list(self._queue):
@@ -195,6 +217,7 @@ class SerialWorker:
                 call = self._calls.popleft() if self._calls else None
                 job = self._queue.popleft() if self._queue and call is None else None
                 self._running = job
+                self._pace = JobPace() if job is not None else None
             if call is not None:
                 self._run_call(*call)
                 continue
@@ -205,6 +228,7 @@ class SerialWorker:
             self._run_one(job)
             with self._cond:
                 self._running = None
+                self._pace = None
             self.last_heartbeat = time.monotonic()
 
     def _run_call(self, fn: Callable[[], object], future: concurrent.futures.Future) -> None:

@@ -42,6 +42,7 @@ from starlette.routing import Match
 
 from .. import __version__
 from ..engine.jobs import ClientBusy, Job, JobFailed, JobResult, JobState, MemoryRefused, NotReady, QueueFull
+from ..limits import Client, DoorLimits
 from ..metadata import encode_png, png_info
 from ..settings import Settings
 from ..validation import Change, RequestError
@@ -54,9 +55,9 @@ from .security import (
     GradioDoorsMiddleware,
     GuardMiddleware,
     LoginThrottle,
-    RateLimiter,
     allowed_hosts,
     allowed_origins,
+    basic_user,
     load_users,
 )
 
@@ -281,7 +282,8 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
     ``history``: a History, True (open ``settings.history_db`` or ``output_dir/history.sqlite3``) or None/False
     (no history). ``ui``: mount the web UI at ``/`` (None = when ``zimage_ui.ui`` is installed).
     The app keeps what it built on ``app.state``: ``engine``, ``settings``, ``service`` (a ServiceState),
-    ``metrics``, ``history``, ``rate_limiter`` (None when off), ``users``.
+    ``metrics``, ``history``, ``limits`` (the DoorLimits the API and the page share), ``rate_limiter`` (its
+    limiter, None when off), ``users``.
     """
     state = state or ServiceState()
     users = load_users(settings)
@@ -296,13 +298,15 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         metrics.attach(engine)
     if history is not None:
         history.attach(engine)
-    limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
+    limits = DoorLimits(settings)  # one count per client for the API and the page together
+    limiter = limits.limiter
     output_dir = Path(settings.output_dir).resolve()
 
     app = FastAPI(title="zimage-ui", version=__version__, description="Z-Image-Turbo text-to-image: REST API, "
                   "health and metrics. Every request runs through the same validator and GPU queue as the web UI.")
     app.state.engine, app.state.settings, app.state.service = engine, settings, state
     app.state.metrics, app.state.history, app.state.rate_limiter, app.state.users = metrics, history, limiter, users
+    app.state.limits = limits
 
     @app.exception_handler(RequestValidationError)
     async def _query_errors(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -376,17 +380,18 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
             return _error(503, "stopping", "the server is shutting down; try again shortly",
                           retry_after=NOT_READY_RETRY_S)
         try:
-            validated = engine.validate(raw)
+            validated = limits.shape(engine.validate(raw), engine)  # a kiosk's API takes what its page can send
         except RequestError as exc:
             return _invalid(exc.errors)
         address = client_address(request)
-        if limiter is not None and (wait_s := limiter.hit(address)) is not None:
+        client = Client(address, basic_user(request.headers.get("authorization"), users) if users else None)
+        if (wait_s := limits.hit(client)) is not None:
             metrics.count_rejection("rate_limited")
             return _error(429, "rate_limited", f"at most {settings.rate_limit_per_minute} generations a minute "
                           f"per client; try again in {math.ceil(wait_s)} s", retry_after=wait_s)
-        # One HTTP request = one job; only the classroom setting (rate limit on) groups an address's requests
-        # so jobs_per_client applies to it as it does to a browser session.
-        owner = f"api:{address}" if limiter is not None else f"api:{uuid.uuid4().hex}"
+        # One HTTP request = one job, unless this is a classroom (rate limit or logins on): then a client's
+        # requests and its browser tabs are one owner, and jobs_per_client counts them together.
+        owner = limits.owner(client, alone=f"api:{uuid.uuid4().hex}")
         try:
             job = engine.submit(validated, owner=owner)
         except NotReady:
@@ -522,7 +527,7 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
     if mount:
         from ..ui import mount_ui
 
-        mount_ui(app, engine, settings, path="/")
+        mount_ui(app, engine, settings, path="/", limits=limits)
     else:
         @app.get("/", include_in_schema=False)
         async def root() -> dict[str, str]:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import hmac
 import ipaddress
 import json
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..limits import RateLimiter  # noqa: F401  (it lives in zimage_ui/limits.py, which the page shares)
 from ..settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -177,40 +176,7 @@ def allowed_hosts(settings: Settings) -> list[str] | None:
     return hosts
 
 
-# --- rate limit -----------------------------------------------------------------------------------------------
-class RateLimiter:
-    """At most ``per_minute`` hits per key in any 60-second window (a sliding log; keys are client addresses).
-
-    >>> limiter = RateLimiter(2)
-    >>> limiter.hit("a", now=0.0), limiter.hit("a", now=1.0), limiter.hit("a", now=2.0)
-    (None, None, 58.0)
-    """
-
-    WINDOW_S = 60.0
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self._hits: dict[str, collections.deque[float]] = {}
-        self._lock = threading.Lock()
-        self._last_sweep = 0.0
-
-    def hit(self, key: str, *, now: float | None = None) -> float | None:
-        """Count one hit for ``key``; None if allowed, else the seconds until the next one would be."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            hits = self._hits.setdefault(key, collections.deque())
-            while hits and hits[0] <= now - self.WINDOW_S:
-                hits.popleft()
-            if len(hits) >= self.per_minute:
-                return max(hits[0] + self.WINDOW_S - now, 0.0)
-            hits.append(now)
-            if now - self._last_sweep > self.WINDOW_S:  # forget clients gone quiet so the map stays small
-                self._last_sweep = now
-                for stale in [k for k, v in self._hits.items() if not v or v[-1] <= now - self.WINDOW_S]:
-                    del self._hits[stale]
-            return None
-
-
+# --- login throttle -----------------------------------------------------------------------------------------
 class LoginThrottle:
     """Refuses logins from an address after ``per_minute`` wrong passwords within a minute, until the oldest of
     them is a minute old. Each wrong password is a WARNING (so the lines are bounded by the throttle itself).

@@ -13,18 +13,21 @@ if TYPE_CHECKING:  # gradio and fastapi load only when a page is built, never at
     import gradio as gr
 
 
-def build_ui(engine: Any, settings: Any) -> gr.Blocks:
+def build_ui(engine: Any, settings: Any, limits: Any = None) -> gr.Blocks:
     """The page's Blocks for ``engine`` (started or starting) and ``settings``."""
     from .page import build_page
 
-    return build_page(engine, settings)
+    return build_page(engine, settings, limits)
 
 
-def mount_ui(app: fastapi.FastAPI, engine: Any, settings: Any, path: str = "/") -> None:
-    """Serve the page on ``app`` at ``path``. ``api_open=False``: /gradio_api/run/... can't bypass the queue."""
+def mount_ui(app: fastapi.FastAPI, engine: Any, settings: Any, path: str = "/", limits: Any = None) -> None:
+    """Serve the page on ``app`` at ``path``. ``api_open=False``: /gradio_api/run/... can't bypass the queue.
+
+    ``limits`` (a :class:`zimage_ui.limits.DoorLimits`): the service passes its own, so a client's starts and jobs
+    count together through the page and the API."""
     from .page import mount_page
 
-    mount_page(app, engine, settings, path=path)
+    mount_page(app, engine, settings, path=path, limits=limits)
 
 
 __all__ = ["build_ui", "mount_ui"]

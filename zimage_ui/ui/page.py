@@ -15,6 +15,7 @@ Events and the queue:
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -25,7 +26,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..engine.jobs import ClientBusy, EngineError, JobState, MemoryRefused, NotReady, QueueFull
+from ..engine.jobs import ClientBusy, EngineError, Job, JobState, MemoryRefused, NotReady, QueueFull
+from ..limits import Client, DoorLimits
 from ..paths import ASSETS_DIR
 from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
@@ -97,9 +99,13 @@ class Widgets:
 class Page:
     """One page (Blocks) over one engine; every browser tab is a session of it."""
 
-    def __init__(self, engine: Any, settings: Any):
+    def __init__(self, engine: Any, settings: Any, limits: DoorLimits | None = None):
         self.engine = engine
         self.settings = settings
+        # shared with the REST API when the service mounts the page: one client, one count, whichever door
+        self.limits = limits or DoorLimits(settings)
+        self._session_jobs: dict[str, set[Job]] = {}  # what Cancel and a closed tab stop: this tab's jobs
+        self._session_lock = threading.Lock()
         self.sizes: SizeTable = load_sizes()
         self.kiosk = bool(getattr(settings, "kiosk", False))
         self.gallery_max = int(getattr(settings, "ui_gallery_max", 24))
@@ -380,7 +386,7 @@ class Page:
         """
         w, lang = self.w, values.get(self.w.lang) or "en"
         try:
-            validated = self.engine.validate(self.raw_request(values))
+            validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
         except RequestError as exc:
             raise gr.Error(t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors))) from None
         except Exception as exc:  # not ready yet: the tokenizer-less validator can't be reached
@@ -396,44 +402,43 @@ class Page:
     def on_generate(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         """Submit to the engine as this session and stream its queue position, steps, then the images."""
         w, lang = self.w, values.get(self.w.lang) or "en"
-        owner = request.session_hash if request is not None else None
+        session = request.session_hash if request is not None else None
+        client = client_of(request)
+        owner = self.limits.owner(client, alone=session) if session else None
         history = list(values.get(w.gallery_state) or [])
         try:
-            validated = self.engine.validate(self.raw_request(values))
+            validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
         except RequestError as exc:
-            yield {w.status: t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors))}
-            return
+            yield from refuse(w, t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors)))
         except EngineError as exc:
-            yield {w.status: t(lang, "status_not_ready", reason=str(exc))}
-            return
+            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
         first: dict[Any, Any] = {w.status: t(lang, "status_submitting"), w.last_active: time.monotonic()}
         note = self.notice(validated, lang, applied=True)
         if note:
             first[w.notice] = notice_update(note)
+        if (wait_s := self.limits.hit(client)) is not None:
+            yield from refuse(w, t(lang, "rate_limited", n=self.limits.per_minute, retry=f"{math.ceil(wait_s)}"))
         try:
             job = self.engine.submit(validated, owner=owner)
         except ClientBusy:
-            yield {w.status: t(lang, "busy")}
-            return
+            yield from refuse(w, t(lang, "busy"))
         except QueueFull as exc:
-            yield {w.status: t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}")}
-            return
+            yield from refuse(w, t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}"))
         except MemoryRefused as exc:
-            yield {w.status: t(lang, "memory_refused", message=exc.admission.message)}
-            return
+            yield from refuse(w, t(lang, "memory_refused", message=exc.admission.message))
         except (NotReady, EngineError) as exc:
-            yield {w.status: t(lang, "status_not_ready", reason=str(exc))}
-            return
+            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
         changed = threading.Event()
         job.on_change(lambda _job: changed.set())
+        self._track(session, job)
         try:
             yield first
-            last = None
             while not job.done:
-                text = self.progress_text(self.engine.status(job), lang)
-                if text != last:
-                    yield {w.status: text}
-                    last = text
+                # Yield at least every POLL_S, changed or not: Gradio notices a tab whose stream has gone only
+                # between two items, and closes this generator then (its ``finally`` cancels the job). Waiting
+                # in here for the text to change kept a closed tab's job alive for as long as a step, or for
+                # ever for a queued job whose line stays the same.
+                yield {w.status: self.progress_text(self.engine.status(job), lang)}
                 changed.wait(POLL_S)
                 changed.clear()
             final = self.finished(job, history, lang)
@@ -444,6 +449,28 @@ class Page:
             # the tab went away mid-run (Gradio closed the generator): don't leave the GPU working for nobody
             if not job.done:
                 self.engine.cancel(job)
+            self._untrack(session, job)
+
+    def _track(self, session: str | None, job: Job) -> None:
+        if session:
+            with self._session_lock:
+                self._session_jobs.setdefault(session, set()).add(job)
+
+    def _untrack(self, session: str | None, job: Job) -> None:
+        with self._session_lock:
+            jobs = self._session_jobs.get(session or "")
+            if jobs is not None:
+                jobs.discard(job)
+                if not jobs:
+                    del self._session_jobs[session]
+
+    def cancel_session(self, session: str) -> int:
+        """Cancel this tab's jobs (not the other tabs' of the same client); returns how many were active."""
+        with self._session_lock:
+            jobs = [j for j in self._session_jobs.get(session, ()) if not j.done]
+        for job in jobs:
+            self.engine.cancel(job)
+        return len(jobs)
 
     def progress_text(self, status: Any, lang: str) -> str:
         """Queue position and ETA, or step i/n and time left (decoding after the last step)."""
@@ -523,14 +550,14 @@ class Page:
     def on_cancel(self, values: dict[Any, Any], request: gr.Request) -> dict[Any, Any]:
         """Cancel this session's jobs: a queued one leaves the queue now, a running one stops at its next step."""
         lang = values.get(self.w.lang) or "en"
-        owner = request.session_hash if request is not None else None
-        count = self.engine.cancel_owner(owner) if owner else 0
+        session = request.session_hash if request is not None else None
+        count = self.cancel_session(session) if session else 0
         return {self.w.status: t(lang, "status_cancelling" if count else "status_nothing_to_cancel")}
 
     def on_unload(self, request: gr.Request) -> None:
         """The tab closed: its jobs are nobody's any more."""
         if request is not None and request.session_hash:
-            count = self.engine.cancel_owner(request.session_hash)
+            count = self.cancel_session(request.session_hash)
             if count:
                 log.info("tab closed: cancelled %d job(s) of session %s", count, request.session_hash[:8])
 
@@ -700,23 +727,38 @@ def merge_updates(out: dict[Any, Any], more: dict[Any, Any]) -> dict[Any, Any]:
     return out
 
 
+def refuse(w: Widgets, message: str) -> Iterator[dict[Any, Any]]:
+    """A job that was not started: the status line says why, and the event ends in an error (a toast in the
+    browser, an exception in gradio_client), not in a result that looks like success."""
+    yield {w.status: message}
+    raise gr.Error(message, print_exception=False)
+
+
+def client_of(request: gr.Request | None) -> Client:
+    """The client behind a Gradio request: its address (the peer uvicorn saw) and its login, if any."""
+    peer = getattr(request, "client", None) if request is not None else None
+    return Client(address=getattr(peer, "host", None) or "unknown",
+                  user=getattr(request, "username", None) or None)
+
+
 def notice_update(text: str) -> Any:
     """The notice box shows only when it has something to say."""
     return gr.update(value=text, visible=bool(text))
 
 
-def build_page(engine: Any, settings: Any) -> gr.Blocks:
-    """The page's Blocks, queue configured (``api_open=False``: no way around the queue)."""
-    demo = Page(engine, settings).build()
+def build_page(engine: Any, settings: Any, limits: DoorLimits | None = None) -> gr.Blocks:
+    """The page's Blocks, queue configured (``api_open=False``: no way around the queue). ``limits``: the
+    service's, so that the page and the API count one client together (None: the page's own)."""
+    demo = Page(engine, settings, limits).build()
     demo.queue(api_open=False, max_size=None, default_concurrency_limit=1)
     return demo
 
 
-def mount_page(app: Any, engine: Any, settings: Any, path: str = "/") -> None:
+def mount_page(app: Any, engine: Any, settings: Any, path: str = "/", limits: DoorLimits | None = None) -> None:
     """Serve the page on a FastAPI app: our CSS, no links out of a kiosk, outputs readable by the gallery."""
     from ..service.security import gradio_auth
 
-    demo = build_page(engine, settings)
+    demo = build_page(engine, settings, limits)
     kiosk = bool(getattr(settings, "kiosk", False))
     gr.mount_gradio_app(
         app, demo, path=path,
