@@ -591,7 +591,7 @@ def save_synthetic_model(settings: Any, folder: Path, scale: str = "full") -> di
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A short human table of the report."""
     if "saved" in report:
-        return [f"saved {report['saved']} ({report['bytes'] / GiB:.2f} GB) in {report['save_s']} s"]
+        return [f"saved {report['saved']} ({report['bytes'] / GiB:.2f} GiB) in {report['save_s']} s"]
     lines = []
     dev = report["device"]
     acc = report.get("acceleration") or {}
@@ -619,12 +619,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      + (f" · {h['overhead_pct']:+.1f}% over the direct call" if "overhead_pct" in h else ""))
     mem = report["memory"]
     err = mem["error_pct"]
-    lines.append(f"peak working {mem['peak_working_bytes'] / GiB:.2f} GB, predicted "
-                 f"{mem['predicted_bytes'] / GiB:.2f} GB" + ("" if err is None else f" ({err:+.1f}%)"))
+    lines.append(f"peak working {mem['peak_working_bytes'] / GiB:.2f} GiB, predicted "
+                 f"{mem['predicted_bytes'] / GiB:.2f} GiB" + ("" if err is None else f" ({err:+.1f}%)"))
     bar = report["vram_bar"]["idle"]
     if "diff_pct" in bar:
-        lines.append(f"VRAM bar used {bar['bar_used_bytes'] / GiB:.2f} GB vs NVML "
-                     f"{bar['nvml_used_bytes'] / GiB:.2f} GB "
+        lines.append(f"VRAM bar used {bar['bar_used_bytes'] / GiB:.2f} GiB vs NVML "
+                     f"{bar['nvml_used_bytes'] / GiB:.2f} GiB "
                      f"({bar['diff_pct']:+.2f}%); during a job max |diff| "
                      f"{report['vram_bar'].get('during_job', {}).get('max_abs_diff_pct')}%")
     if "sweep" in report:
@@ -637,7 +637,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if "idle_unload" in report:
         s = report["idle_unload"]
         lines.append(f"idle unload {s['unload_s']} s, reload {s['reload_s']} s, GPU used "
-                     f"{s['gpu_used_loaded_bytes'] / GiB:.2f} → {s['gpu_used_unloaded_bytes'] / GiB:.2f} GB")
+                     f"{s['gpu_used_loaded_bytes'] / GiB:.2f} → {s['gpu_used_unloaded_bytes'] / GiB:.2f} GiB")
     if "latents" in report:
         lines.append(f"latents {json.dumps(report['latents'])}")
     if "baseline" in report:

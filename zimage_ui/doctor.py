@@ -25,7 +25,7 @@ def _gpu_section(settings: Settings) -> dict[str, Any]:
     stats = nvml.gpu_stats(index)
     return {
         "gpu": props.name, "compute capability": f"{props.major}.{props.minor}",
-        "memory": f"{total / GB:.1f} GB total, {free / GB:.1f} GB free",
+        "memory": f"{total / GB:.1f} GiB total, {free / GB:.1f} GiB free",
         "driver": getattr(stats, "driver_version", None) or "unknown (NVML not available)",
         "cuda (torch)": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported(),
         "fp8 (compute ≥ 8.9)": (props.major, props.minor) >= (8, 9),

@@ -192,6 +192,11 @@ def test_other_processes_that_leave_no_room_are_named(tmp_path):
         admission = engine.admit(engine.validate(SMALL).request)
         assert admission.state == "over"
         assert "other processes use" in admission.message and f"{others / GiB:.1f} GiB" in admission.message
+        assert admission.to_dict()["other_processes_bytes"] == others
+        from zimage_ui.ui.vram import admission_message
+
+        for lang, words in (("en", "other programs use"), ("zh", "其他程序占用")):  # the page says it, in both
+            assert words in admission_message(admission, None, lang)
         engine.probe = MemoryProbe(FakeCudaSource(weights, int(1.3 * GiB), others=0), engine.weights_bytes)
         assert engine.admit(engine.validate(SMALL).request).state == "ok"
     finally:

@@ -47,7 +47,7 @@ def test_options_are_every_placement_in_preference_order_with_reasons():
         assert option.placement.diffusers_calls and option.placement.description
         assert option.placement.latency_basis  # every latency says where it comes from
     lines = result.lines()
-    assert lines[0].startswith("budget 24.0 GB for 1024x1024")
+    assert lines[0].startswith("budget 24.0 GiB for 1024x1024")
     assert sum(line.startswith("→") for line in lines) == 1
     assert json.loads(json.dumps(result.to_dict()))["chosen"]["name"] == "resident"
 

@@ -77,7 +77,7 @@ def test_page_shows_the_bar_with_measured_segments_and_works_offline(open_page, 
     assert int(found["weights"]) == demo_engine.weights_bytes()  # the model's own bytes, not a guess
     assert bar_state(page) == "ok"
     legend = page.inner_text(".zb-legend")
-    assert "Model weights" in legend and "Free" in legend and re.search(r"\d+\.\d GB", legend)
+    assert "Model weights" in legend and "Free" in legend and re.search(r"\d+\.\d GiB", legend)
     assert "CPU · RAM" in page.inner_text(".zb-head")
     assert "Demo model" in page.inner_text("#zi-banner") and "zimage-ui download" in page.inner_text("#zi-banner")
     assert page.external == []  # no CDN fonts, scripts or images

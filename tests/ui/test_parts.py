@@ -34,7 +34,7 @@ def test_language_follows_the_setting_then_the_browser():
 
 
 def test_byte_and_time_formats():
-    assert format_bytes(19.28 * 2**30) == "19.3 GB" and format_bytes(300 * 2**20) == "300 MB"
+    assert format_bytes(19.28 * 2**30) == "19.3 GiB" and format_bytes(300 * 2**20) == "300 MiB"
     assert format_seconds(0.84) == "0.8 s" and format_seconds(42) == "42 s" and format_seconds(185) == "3 min 5 s"
     assert format_seconds(42, "zh") == "42 秒"
 

@@ -71,7 +71,7 @@ def test_state_and_message_follow_admission(need_gb, state):
     message = re.search(r'<div class="zb-msg" data-state="\w+">(.*?)</div>', html)[1]
     assert {"ok": "Fits", "tight": "Tight", "over": "Won&#x27;t fit"}[state] in message
     if state == "over":
-        assert "needs ≈ 9.0 GB" in message and "Largest size that fits: 768×768." in message
+        assert "needs ≈ 9.0 GiB" in message and "Largest size that fits: 768×768." in message
 
 
 def test_over_with_no_smaller_size_says_so_and_chinese_legend():

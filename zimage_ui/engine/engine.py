@@ -576,7 +576,7 @@ class Engine:
         message = (f"other processes use {others / GiB:.1f} GiB of this GPU; this request needs "
                    f"{admission.need_bytes / GiB:.1f} GiB of working memory and only "
                    f"{admission.available_bytes / GiB:.1f} GiB is left — even {low}x{low} does not fit now")
-        return dataclasses.replace(admission, message=message, suggestion=None)
+        return dataclasses.replace(admission, message=message, suggestion=None, other_processes_bytes=int(others))
 
     def _admission_snapshot(self) -> Any:
         """The snapshot admission judges against: unloaded weights count as if back, and a VRAM budget caps the

@@ -7,7 +7,7 @@
     >>> round(est.predict(WorkShape(2048, 2048)) / GiB, 1)   # measured 9.54 GB
     9.5
 
-Units: "GB" in messages means GiB (2**30 bytes), as in the project's GPU baseline script.
+Units: messages say GiB (2**30 bytes), the unit nvidia-smi's MiB add up to; the figures in this docstring are GiB.
 
 The model
 ---------
@@ -156,7 +156,7 @@ def _rows(shape: WorkShape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _gb(n: float) -> str:
-    return f"{n / GiB:.1f} GB"
+    return f"{n / GiB:.1f} GiB"
 
 
 class WorkingMemoryEstimator:
@@ -322,8 +322,8 @@ class WorkingMemoryEstimator:
         c = self.coefficients
         text = (
             f"peak working ≈ {c['fixed_bytes'] / MiB:.0f} MB + max("
-            f"decode {c['decode_bytes_per_pixel_per_image'] * MiB / GiB:.2f} GB/MP × batch"
-            f" + {c['decode_bytes_per_pixel'] * MiB / GiB:.2f} GB/MP, "
+            f"decode {c['decode_bytes_per_pixel_per_image'] * MiB / GiB:.2f} GiB/MP × batch"
+            f" + {c['decode_bytes_per_pixel'] * MiB / GiB:.2f} GiB/MP, "
             f"denoise {c['denoise_bytes_per_token'] / 1e3:.0f} kB/token"
         )
         if c["denoise_bytes_per_token_squared"] > 0:
@@ -453,6 +453,7 @@ class Admission:
     message: str
     suggestion: WorkShape | None = None
     decode_batch: int | None = None  # the VAE decodes this many images at a time (None: the whole batch)
+    other_processes_bytes: int | None = None  # set when other processes leave too little for even the smallest
 
     @property
     def runnable(self) -> bool:
@@ -470,6 +471,7 @@ class Admission:
             "message": self.message,
             "suggestion": None if s is None else {"width": s.width, "height": s.height, "batch": s.batch, "cfg": s.cfg},
             "decode_batch": self.decode_batch,
+            "other_processes_bytes": self.other_processes_bytes,
         }
 
 

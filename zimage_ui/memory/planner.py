@@ -234,7 +234,7 @@ class PlanResult:
 
 
 def _gb(n: float) -> str:
-    return f"{n / GiB:.1f} GB"
+    return f"{n / GiB:.1f} GiB"
 
 
 def _peak(resident: int, phases: Iterable[tuple[int, int]]) -> int:

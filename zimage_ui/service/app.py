@@ -404,7 +404,8 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         except MemoryRefused as exc:
             adm = exc.admission
             return _error(409, "insufficient_memory", str(exc), need_bytes=int(adm.need_bytes),
-                          available_bytes=int(adm.available_bytes))
+                          available_bytes=int(adm.available_bytes),
+                          other_processes_bytes=getattr(adm, "other_processes_bytes", None))
         except RequestError as exc:  # defensive: submit re-validates only raw input, but never 500 on bad input
             return _invalid(exc.errors)
 

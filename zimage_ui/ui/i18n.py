@@ -53,13 +53,14 @@ def pick_language(setting: str, accept_language: str | None) -> str:
 
 
 def format_bytes(n: int | float, lang: str = "en") -> str:
-    """Bytes as the bar's legend shows them: GB with one decimal (GiB, as nvidia-smi and torch count), MB below 1 GB."""
+    """Bytes as the bar's legend shows them: GiB with one decimal (2**30 bytes, the unit nvidia-smi's MiB add up
+    to), MiB below 0.95 GiB."""
     n = max(0, int(n))
     if n >= 2**30 * 0.95:
-        return f"{n / 2**30:.1f} GB"
+        return f"{n / 2**30:.1f} GiB"
     if n >= 2**20:
-        return f"{n / 2**20:.0f} MB"
-    return f"{n / 2**10:.0f} KB"
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**10:.0f} KiB"
 
 
 def format_seconds(seconds: float, lang: str = "en") -> str:

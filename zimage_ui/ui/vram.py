@@ -81,6 +81,9 @@ def admission_message(admission: Any, largest: tuple[int, int, int] | None, lang
     need = format_bytes(admission.need_bytes)
     available = format_bytes(admission.available_bytes)
     if admission.state == "over":
+        others = getattr(admission, "other_processes_bytes", None)
+        if others:  # another program (an LLM server, say) leaves too little for even the smallest request
+            return t(lang, "state.over_others", others=format_bytes(others), need=need, available=available)
         if largest is None:
             return t(lang, "state.over_none", need=need, available=available)
         return t(lang, "state.over", need=need, available=available, largest=shape_text(largest, lang))
@@ -98,7 +101,7 @@ def shape_text(shape: tuple[int, int, int], lang: str) -> str:
 
 def render_vram_bar(snapshot: Any, *, need_bytes: int | None = None, admission: Any = None,
                     largest: tuple[int, int, int] | None = None, lang: str = "en") -> str:
-    """The bar's HTML: head line, ``#vram-bar`` with one child per segment, legend with GB figures, message."""
+    """The bar's HTML: head line, ``#vram-bar`` with one child per segment, legend with GiB figures, message."""
     if snapshot is None:
         return (f'<div class="zb"><div id="vram-bar" class="zb-bar" data-state="ok" data-total-bytes="0"></div>'
                 f'<div class="zb-msg">{html.escape(t(lang, "state.unknown"))}</div></div>')
