@@ -209,11 +209,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- serve ----------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service.server import serve
+    from .service.startup import CannotBind, EarlyResponder, StopWhileStarting, bind_socket, stop_on_signals
 
     settings = _settings(args, _SETTING_FLAGS)
-    _setup_logging(settings.log_level)
-    return serve(settings)
+    # bind before the heavy imports: a port in use is one line at once, and /healthz answers within a second
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except CannotBind as exc:
+        from .service.startup import EXIT_CANNOT_BIND
+
+        print(f"zimage-ui: error: {exc.strerror}", file=sys.stderr)
+        return EXIT_CANNOT_BIND
+    early = EarlyResponder(sock).start()
+    stop_on_signals()  # serve() puts the defaults back once uvicorn handles signals
+    try:
+        _setup_logging(settings.log_level)
+        from .service.server import serve
+
+        return serve(settings, sock=sock, early=early)
+    except StopWhileStarting:
+        # stopped mid-import: a half-imported library's thread or exit hook must not hold the exit
+        import os
+
+        logging.shutdown()
+        os._exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
