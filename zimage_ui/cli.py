@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- serve ----------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service.startup import CannotBind, EarlyResponder, StopWhileStarting, bind_socket, stop_on_signals
+    from .service.startup import CannotBind, EarlyResponder, bind_socket, stop_on_signals
 
     settings = _settings(args, _SETTING_FLAGS)
     # bind before the heavy imports: a port in use is one line at once, and /healthz answers within a second
@@ -237,18 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"zimage-ui: error: {exc.strerror}", file=sys.stderr)
         return EXIT_CANNOT_BIND
     early = EarlyResponder(sock).start()
-    stop_on_signals()  # serve() puts the defaults back once uvicorn handles signals
-    try:
-        _setup_logging(settings.log_level)
-        from .service.server import serve
+    stop_on_signals()  # serve() puts Python's defaults back before uvicorn installs its own
+    _setup_logging(settings.log_level)
+    from .service.server import serve
 
-        return serve(settings, sock=sock, early=early)
-    except StopWhileStarting:
-        # stopped mid-import: a half-imported library's thread or exit hook must not hold the exit
-        import os
-
-        logging.shutdown()
-        os._exit(0)
+    return serve(settings, sock=sock, early=early)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,9 +27,10 @@ def _settings_import_s() -> float:
 
 
 def test_healthz_answers_within_a_second_and_readyz_says_loading_until_ready(tmp_path):
-    # one second on an idle machine; on a loaded CI box twice what the bare settings import takes just now (the
-    # model, torch and the page take ten times that: before the port was bound first, /healthz took ~10 s)
-    budget = max(HEALTHZ_WITHIN_S, 2 * _settings_import_s())
+    # one second on an idle machine (~0.4 s measured); on a loaded CI box three times what a bare settings import
+    # takes just now (torch, the model and the page take ten times that: before the port was bound first, /healthz
+    # took ~10 s)
+    budget = max(HEALTHZ_WITHIN_S, 3 * _settings_import_s())
     port = free_port()
     started = time.monotonic()
     proc, url, log = serve_subprocess(tmp_path, "--no-warmup", port=port)

@@ -286,9 +286,9 @@ def serve(settings: Settings, *, sock: socket.socket | None = None, early: Any =
     health checks on it meanwhile (``startup.EarlyResponder``), stopped just before uvicorn takes the socket."""
     from ..models.sources import resolve_model
     from .security import load_users
-    from .startup import EarlyResponder, StopWhileStarting, bind_socket, stop_on_signals
+    from .startup import EarlyResponder, bind_socket, stop_on_signals
 
-    previous = stop_on_signals()
+    stop_on_signals()  # SIGTERM while starting: exit 0
     if sock is None:
         sock = bind_socket(settings.host, settings.port)
         early = EarlyResponder(sock).start()
@@ -303,14 +303,11 @@ def serve(settings: Settings, *, sock: socket.socket | None = None, early: Any =
         engine = Engine(settings)
         engine_thread = engine.start_in_background()  # weights load while the web UI is being built
         service = Service(settings, engine=engine, engine_thread=engine_thread)
-    except StopWhileStarting as stop:
-        log.info("%s while starting: exiting", stop)
-        logging.shutdown()
-        os._exit(EXIT_OK)  # a thread loading weights must not hold the exit
     finally:
-        for sig, handler in previous.items():
-            if signal.getsignal(sig) is not handler:
-                signal.signal(sig, handler)
+        # uvicorn installs its own handlers while it runs and puts these back after: Python's defaults, not the
+        # start-up ones (a late SIGTERM must not turn an exit 70 into 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if early is not None:
             early.stop()  # uvicorn takes the socket; connections meanwhile wait in its backlog
     log.info("serving on %s (readiness at /readyz, API docs at /docs)", _base_url(settings))

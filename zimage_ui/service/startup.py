@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import http.server
 import json
+import os
 import signal
 import socket
 import threading
@@ -142,15 +143,15 @@ class EarlyResponder:
             self._thread = None
 
 
-class StopWhileStarting(BaseException):
-    """SIGTERM/SIGINT arrived before the server was running: nothing to drain, exit 0."""
+def _exit_while_starting(signum: int, frame: Any) -> None:
+    # Nothing to drain yet: no job was accepted, no answer is owed. An exception raised into the main thread here
+    # would land in the middle of an import that the engine thread is doing too, and leave it half done.
+    os.write(2, f"zimage-ui: {signal.Signals(signum).name} while starting: exiting\n".encode())
+    os._exit(0)
 
 
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise StopWhileStarting(signal.Signals(signum).name)
-
-
-def stop_on_signals() -> dict[int, Any]:
-    """Until the server runs, SIGTERM/SIGINT raise ``StopWhileStarting`` in the main thread (so supervisor's stop
-    during start-up is a clean exit 0, not death by signal). Returns the handlers to put back."""
-    return {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+def stop_on_signals() -> None:
+    """Until uvicorn runs (and installs its graceful handlers), SIGTERM/SIGINT end the process at once with exit 0
+    (so supervisor's stop during start-up is a clean exit, not death by signal)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_while_starting)
