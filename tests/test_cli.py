@@ -1,11 +1,15 @@
 """The zimage-ui command as a user runs it: a real subprocess, the demo model, real PNG files."""
 
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from zimage_ui.metadata import read_metadata
@@ -86,3 +90,47 @@ def test_doctor_says_what_to_do_next():
                                                          "MODELSCOPE_CACHE": "/nonexistent"})
     assert run.returncode == 0, run.stderr
     assert "cuda" in run.stdout and "demo model" in run.stdout and "zimage-ui download" in run.stdout
+
+
+def test_a_random_seed_is_not_reported_as_clamped(tmp_path):
+    run = zimage("generate", "--model", "demo", "--prompt", "x", "--width", "256", "--height", "256",
+                 "--steps", "1", "--output", str(tmp_path / "r.png"))
+    assert run.returncode == 0, run.stderr
+    assert "clamped" not in run.stderr
+    seed = read_metadata(tmp_path / "r.png")["zimage"]["seed"]
+    assert f"seed {seed}" in run.stderr  # still said, with the result
+
+
+def test_flag_values_are_named_for_what_they_are():
+    helptext = " ".join(zimage("serve", "--help").stdout.split())
+    for flag in ("--max-queue N", "--rate-limit-per-minute N", "--jobs-per-client N", "--ui-gallery-max N",
+                 "--auth USER:PASSWORD", "--watchdog-seconds SECONDS"):
+        assert flag in helptext
+    for word in ("MINUTE", "QUEUE", "CLIENT"):  # the last word of the flag's name, which was the metavar
+        assert not re.search(rf"\b{word}\b", helptext), word
+
+
+def test_generate_help_lists_no_server_only_flags():
+    helptext = zimage("generate", "--help").stdout
+    assert "--prompt" in helptext and "--model" in helptext and "--output" in helptext
+    for flag in ("--host", "--port", "--auth", "--kiosk", "--max-queue", "--jobs-per-client", "--vram-poll-seconds",
+                 "--idle-unload-minutes", "--rate-limit-per-minute", "--history-db", "--warmup"):
+        assert flag not in helptext, flag
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what doctor says on a machine without CUDA")
+def test_doctor_on_a_cpu_says_compile_is_off_as_the_server_does():
+    run = zimage("doctor", "--json", "--model", "demo")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["speed"]["compile"].startswith("off")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_full_size_synthetic_bench_on_a_cpu_is_refused_at_once(tmp_path):
+    # it used to print nothing for 109 s and then be killed by the OOM killer at 22 GB
+    started = time.monotonic()
+    run = zimage("bench", "--synthetic", "--runs", "5", "--http", "--output-dir", str(tmp_path))
+    assert time.monotonic() - started < 60
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "--synthetic-scale demo" in lines[0]
+    assert "needs a CUDA GPU" in lines[0]

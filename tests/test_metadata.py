@@ -73,3 +73,35 @@ def test_other_modes_go_through_pil():
     with Image.open(io.BytesIO(encode_png(image, info))) as back:
         assert back.mode == "P" and back.text["parameters"] == "p"
         assert np.array_equal(np.asarray(back.convert("L")), np.asarray(image.convert("L")))
+
+
+def test_saved_images_are_readable_by_others_as_umask_allows(tmp_path):
+    # mkstemp's 0600 made every PNG private to the server's user (a teacher's account could not open them)
+    req = RunRequest("a red circle", "", "turbo", 8, 0.0, 64, 64, 7, 1)
+    image = Image.new("RGB", (64, 64), (200, 30, 90))
+    old = os.umask(0o022)
+    try:
+        path = save_png(image, tmp_path / "a.png", req, seed=7, model="demo")
+        os.umask(0o027)
+        private = save_png(image, tmp_path / "b.png", req, seed=7, model="demo")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert private.stat().st_mode & 0o777 == 0o640
+
+
+def test_sweep_removes_only_stale_part_files(tmp_path):
+    import time
+
+    from zimage_ui.metadata import sweep_partial_files
+
+    day = tmp_path / "2026-01-01"
+    day.mkdir()
+    stale, fresh = day / ".a.png.0011aabb.part", day / ".b.png.2233ccdd.part"
+    other, image = day / "notes.part", day / "a.png"
+    for path in (stale, fresh, other, image):
+        path.write_bytes(b"x")
+    for path in (stale, other, image):
+        os.utime(path, (time.time() - 3600,) * 2)
+    assert sweep_partial_files(tmp_path) == 1
+    assert not stale.exists() and fresh.exists() and other.exists() and image.exists()

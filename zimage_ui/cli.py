@@ -26,10 +26,17 @@ _SETTING_FLAGS = ("model", "model_dir", "base_model", "device", "dtype", "preset
                   "compile", "compile_vae", "attention", "fp8", "placement", "prompt_cache_size",
                   "idle_unload_minutes", "cache_dir", "keep_cache")
 
-# Flags that only mean something to a running server.
+# Flags that only mean something to a running server (or that generate sets itself: no warm-up for one run, and
+# images are saved where --output says).
 _SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_health", "cors_origins",
                "rate_limit_per_minute", "watchdog_seconds", "grace_seconds", "history_db",
-               "ui_gallery_max", "kiosk_idle_seconds")
+               "ui_gallery_max", "kiosk_idle_seconds", "max_queue", "jobs_per_client", "vram_poll_seconds",
+               "idle_unload_minutes", "warmup", "save_images")
+
+# What a flag's value is, where the last word of its name does not say it (--max-queue N, not QUEUE).
+_METAVARS = {"max_queue": "N", "jobs_per_client": "N", "rate_limit_per_minute": "N", "ui_gallery_max": "N",
+             "prompt_cache_size": "N", "max_side": "PIXELS", "auth": "USER:PASSWORD", "history_db": "FILE",
+             "port": "PORT", "cors_origins": "ORIGINS"}
 
 # The server's door limits (docs/deployment.md, "Security defaults"): serve-only flags too.
 _DOOR_FLAGS = ("allowed_hosts", "login_failures_per_minute", "max_connections", "header_timeout_seconds")
@@ -53,7 +60,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) ->
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), default=None, help=help_text)
+            metavar = _METAVARS.get(name, name.split("_")[-1].upper())
+            group.add_argument(flag, dest=name, metavar=metavar, default=None, help=help_text)
 
 
 def _settings(args: argparse.Namespace, names: Sequence[str], **forced: typing.Any):
@@ -109,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(engine.banner, file=sys.stderr)
         validated = engine.validate(raw)
         for change in validated.changes:
-            print(f"clamped: {change}", file=sys.stderr)
+            if not change.is_seed_draw:  # a drawn seed is printed with the result, it was not clamped
+                print(f"clamped: {change}", file=sys.stderr)
         job = engine.submit(validated)
         if sys.stderr.isatty():
             job.on_change(lambda j: print(f"\rstep {j.step}/{j.total_steps}", end="", file=sys.stderr, flush=True))
@@ -186,6 +195,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.output_dir is None:
         forced["output_dir"] = str(default_output_dir())
     settings = _settings(args, _BENCH_SETTINGS, **forced)
+    if args.synthetic and args.synthetic_scale == "full" and not args.save_synthetic:
+        import torch
+
+        if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
+            raise CliError("bench --synthetic builds the full-size model (about 20 GB of random weights in float32 "
+                           "on a CPU, and minutes an image): it needs a CUDA GPU; on this machine use "
+                           "--synthetic-scale demo (the same code at the demo model's sizes)")
     _setup_logging(settings.log_level)  # a benchmark wants the plan and start-up lines
     options = BenchOptions(
         synthetic=args.synthetic, synthetic_scale=args.synthetic_scale, preset=args.preset, width=args.width,
@@ -223,11 +239,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- serve ----------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service.server import serve
+    from .service.startup import CannotBind, EarlyResponder, bind_socket, stop_on_signals
 
     settings = _settings(args, _SETTING_FLAGS)
+    # bind before the heavy imports: a port in use is one line at once, and /healthz answers within a second
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except CannotBind as exc:
+        from .service.startup import EXIT_CANNOT_BIND
+
+        print(f"zimage-ui: error: {exc.strerror}", file=sys.stderr)
+        return EXIT_CANNOT_BIND
+    early = EarlyResponder(sock).start()
+    stop_on_signals()  # serve() puts Python's defaults back before uvicorn installs its own
     _setup_logging(settings.log_level)
-    return serve(settings)
+    from .service.server import serve
+
+    return serve(settings, sock=sock, early=early)
 
 
 def build_parser() -> argparse.ArgumentParser:

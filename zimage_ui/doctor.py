@@ -78,10 +78,16 @@ def _speed_section(settings: Settings) -> dict[str, Any]:
     calibrations = sorted(p.name for p in (cache / "estimator").glob("*.json"))  # empty when the folder is missing
     from .memory.allocator import configure
 
+    if not settings.compile:
+        compile_row = "off"
+    elif not torch.cuda.is_available() or settings.device == "cpu":
+        compile_row = "off (compile is for CUDA only; this machine runs on the CPU)"
+    else:
+        compile_row = "on (transformer blocks; first start ~1 min longer)"
     rows: dict[str, Any] = {
         "allocator": configure().describe() + ("; cache kept between jobs (--keep-cache)" if settings.keep_cache
                                                else "; cache given back when the queue is empty"),
-        "compile": "on (transformer blocks; first start ~1 min longer)" if settings.compile else "off",
+        "compile": compile_row,
         "attention": settings.attention + (" (probed at start-up)" if settings.attention == "auto" else ""),
         "placement": settings.placement,
         "cache dir": str(cache),

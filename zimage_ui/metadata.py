@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
+import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,25 @@ def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo) -> bytes:
     return buf.getvalue()
 
 
+PART_SUFFIX = ".part"
+STALE_PART_S = 60.0  # a PNG is written in well under a second; an older .part was left by a crash
+
+
 def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a half-written file."""
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a half-written file.
+
+    The file gets the usual ``0o666`` minus the umask (0644 with the common umask 022), as ``open()`` would give,
+    not ``mkstemp``'s 0600: other users of the machine (a web server, the teacher's account) can read the images.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:  # 2**32 names; a clash is as good as impossible, but never overwrite
+            continue
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -122,9 +137,29 @@ def write_atomic(path: Path, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path.resolve()
+
+
+def sweep_partial_files(folder: Path, *, older_than_s: float = STALE_PART_S) -> int:
+    """Delete the ``.<name>.png.<random>.part`` files a crash mid-write left under ``folder``; returns how many.
+
+    Files younger than ``older_than_s`` are left alone: another process (``zimage-ui generate``) may be writing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now = time.time()
+    removed = 0
+    for part in folder.rglob(f".*.png.*{PART_SUFFIX}"):
+        try:
+            if part.is_file() and now - part.stat().st_mtime >= older_than_s:
+                part.unlink()
+                removed += 1
+        except OSError:  # gone already, or not ours to delete: leave it
+            continue
+    return removed
 
 
 def save_png(image: Image.Image, path: Path, request: RunRequest, *, seed: int, model: str,

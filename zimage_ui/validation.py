@@ -92,6 +92,11 @@ class Change:
     def __str__(self) -> str:
         return f"{self.field} {_show(self.before)} → {_show(self.after)} ({self.reason})"
 
+    @property
+    def is_seed_draw(self) -> bool:
+        """A random seed drawn for a request that gave none (or -1): reported, but not a clamp."""
+        return self.field == "seed" and self.before in ("random", -1)
+
 
 @dataclass(frozen=True)
 class Validated:

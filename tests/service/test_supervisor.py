@@ -1,8 +1,9 @@
-"""The shipped supervisor files under a real supervisord: SIGKILL → restarted and ready; a wedged server (SIGSTOP)
-→ the readiness listener restarts it; the kiosk browser gets a fresh page after the server comes back.
+"""The shipped supervisor files under a real supervisord: SIGKILL → restarted and ready (five times in a row); a
+wedged server (SIGSTOP) → the readiness listener kills and restarts it; a server that went FATAL → the listener
+starts it again; the kiosk browser gets a fresh page after the server comes back.
 
-The config is supervisor/*.conf with only paths, port, user and timings rewritten for a temporary folder, so every
-other line of the files we ship is exercised as written.
+The config is supervisor/*.conf with only paths, port, user and log files rewritten for a temporary folder, so
+every other line of the files we ship, timings included, is exercised as written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import xmlrpc.client
 from pathlib import Path
 
@@ -54,6 +56,10 @@ def supervisord(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     sock = tmp_path / "supervisor.sock"
+    shipped = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    shipped.read(SHIPPED / "zimage-ui.conf")
+    shipped_listener = shipped.get("eventlistener:zimage-ui-health", "command")
+    assert "/opt/zimage-ui/.venv/bin/python" in shipped_listener and "http://127.0.0.1:7860" in shipped_listener
     env = f'HOME="{tmp_path}",PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",HF_HUB_OFFLINE="1",' \
           'GRADIO_ANALYTICS_ENABLED="False",TOKENIZERS_PARALLELISM="false",PYTHONUNBUFFERED="1"'
     server = rewrite(SHIPPED / "zimage-ui.conf", {
@@ -62,11 +68,11 @@ def supervisord(tmp_path):
                        f"--output-dir {tmp_path / 'out'}",
             "directory": str(PROJECT_ROOT), "user": None, "environment": env,
             "stdout_logfile": str(tmp_path / "server.log"),
-            "startsecs": "3", "stopwaitsecs": "5",
         },
         "eventlistener:zimage-ui-health": {
-            "command": f"{PY} -m zimage_ui.service.healthcheck listen --program zimage-ui --url {url}/readyz "
-                       "--failures 2 --startup-seconds 60 --timeout 2",
+            # the shipped command and timings; only the interpreter and the port differ
+            "command": shipped_listener.replace("/opt/zimage-ui/.venv/bin/python", PY)
+                                       .replace("http://127.0.0.1:7860", url),
             "directory": str(PROJECT_ROOT), "stderr_logfile": str(tmp_path / "health.log"),
         },
     })
@@ -137,9 +143,12 @@ def test_supervisor_restarts_a_killed_or_wedged_server(supervisord):
     # the kiosk browser was given a fresh page once the server was back
     wait_until(lambda: browser_child(rpc) not in (0, browser), 30, what="browser restarted")
 
-    # 2. the process hangs (answers nothing): the readiness listener restarts it through supervisor
+    # 2. the process hangs (answers nothing): the readiness listener kills it through supervisor, which restarts
+    # it; 3 checks of 5 s (+ up to one 5 s tick) ≈ 20 s, no stopwaitsecs (45 s) spent waiting on a frozen process
     os.kill(second, signal.SIGSTOP)
+    hung = time.monotonic()
     third = wait_until(lambda: (p := server_pid(rpc)) not in (0, second) and p, 90, 0.2, what="listener restart")
+    assert time.monotonic() - hung < 35, "a hung server took too long to be replaced"
     wait_ready(url)
     assert psutil.pid_exists(third) and not psutil.pid_exists(second)
     assert "restarting it" in (tmp / "health.log").read_text()
@@ -150,3 +159,43 @@ def test_supervisor_restarts_a_killed_or_wedged_server(supervisord):
     wait_until(lambda: "exited: zimage-ui (exit status 0; expected)" in (tmp / "supervisord.log").read_text()
                or "stopped: zimage-ui (exit status 0)" in (tmp / "supervisord.log").read_text(), 30,
                what="clean exit")
+
+
+def _new_server(rpc, old: set[int], timeout: float = 120) -> int:
+    return wait_until(lambda: (p := server_pid(rpc)) not in old and p, timeout, 0.05, what="a new server process")
+
+
+@pytest.mark.timeout(900)
+def test_a_kiosk_server_killed_five_times_in_a_row_comes_back_ready_each_time(supervisord):
+    # the kiosk's failure: killed soon after it was ready, again and again; startsecs=180 turned the fourth such
+    # death into FATAL and the kiosk stayed dead
+    rpc, url, tmp = supervisord
+    killed: set[int] = set()
+    pid = _new_server(rpc, killed)
+    for _ in range(5):
+        wait_ready(url)
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        pid = _new_server(rpc, killed)  # autorestart, or the listener reviving a FATAL program
+    wait_ready(url)
+    assert len(killed) == 5 and rpc.supervisor.getProcessInfo("zimage-ui")["statename"] == "RUNNING"
+
+
+@pytest.mark.timeout(600)
+def test_a_server_that_went_fatal_is_started_again_by_the_listener(supervisord):
+    rpc, url, tmp = supervisord
+    killed: set[int] = set()
+    # every new process dies at once, until supervisor gives up on it
+    end = time.monotonic() + 120
+    while rpc.supervisor.getProcessInfo("zimage-ui")["statename"] != "FATAL":
+        assert time.monotonic() < end, "supervisor never marked the program FATAL"
+        pid = server_pid(rpc)
+        if pid and pid not in killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.02)
+    fatal = time.monotonic()
+    _new_server(rpc, killed, timeout=60)
+    assert time.monotonic() - fatal >= 9  # --revive-after 10 (the next 5 s tick at the latest)
+    wait_ready(url)
+    assert "is FATAL" in (tmp / "health.log").read_text()

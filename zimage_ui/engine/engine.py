@@ -737,9 +737,15 @@ class Engine:
         day = dt.datetime.now().strftime("%Y-%m-%d")
         stamp = dt.datetime.now().strftime("%H%M%S")
         folder = Path(self.settings.output_dir) / day
-        return [str(save_png(image, folder / f"{stamp}-{job.id}-{seed}.png", job.request, seed=seed,
-                             model=result.model_id, extra={"timings": result.timings}))
-                for image, seed in zip(result.images, result.seeds, strict=True)]
+        try:
+            return [str(save_png(image, folder / f"{stamp}-{job.id}-{seed}.png", job.request, seed=seed,
+                                 model=result.model_id, extra={"timings": result.timings}))
+                    for image, seed in zip(result.images, result.seeds, strict=True)]
+        except OSError as exc:  # disk full, folder read-only: the image is made; answer it rather than lose it
+            log.error("could not save the images of %s: %s", job.id, exc)
+            result.notes.append(f"the image was not saved on the server ({exc.strerror or type(exc).__name__}); "
+                                "download it now")
+            return []
 
 
 class _EngineRunMemory:

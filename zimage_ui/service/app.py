@@ -46,7 +46,7 @@ from ..limits import Client, DoorLimits
 from ..metadata import encode_png, png_info
 from ..settings import Settings
 from ..validation import Change, RequestError
-from .history import History
+from .history import History, HistoryUnavailable
 from .metrics import ServiceMetrics
 from .security import (
     HEALTH_PATHS,
@@ -298,6 +298,7 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         metrics.attach(engine)
     if history is not None:
         history.attach(engine)
+        metrics.registry.register(history.collector())
     limits = DoorLimits(settings)  # one count per client for the API and the page together
     limiter = limits.limiter
     output_dir = Path(settings.output_dir).resolve()
@@ -313,6 +314,10 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         return _invalid([(str(e["loc"][-1]) if e.get("loc") else "request", e.get("msg", "invalid"))
                          for e in exc.errors()])
 
+    @app.exception_handler(HistoryUnavailable)
+    async def _history_unavailable(request: Request, exc: HistoryUnavailable) -> JSONResponse:
+        return _error(503, "history_unavailable", str(exc))
+
     # --- health ---------------------------------------------------------------------------------------------
     @app.get("/healthz", tags=["health"], summary="Liveness: 200 while the process lives")
     async def healthz() -> dict[str, str]:
@@ -323,6 +328,8 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
     async def readyz() -> JSONResponse:
         ready, status, reason = state.readiness(engine)
         body = {"status": status, "reason": without_paths(reason), "model": engine.model_info().get("label")}
+        if history is not None and history.problem is not None:
+            body["degraded"] = {"history": history.problem}  # still ready: images are made and answered
         if ready:
             return JSONResponse(body)
         retry = NOT_READY_RETRY_S if status in ("new", "loading", "warming") else None

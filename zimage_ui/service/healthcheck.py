@@ -10,8 +10,14 @@ Listener (in supervisord's config; see supervisor/zimage-ui.conf)::
 
 On every tick it asks /readyz. Failures count only while supervisor says the program is RUNNING, and not while
 the server is still loading or warming up within ``--startup-seconds``; after ``--failures`` in a row it restarts
-the program through supervisor's XML-RPC interface (stop: SIGTERM, then SIGKILL after ``stopwaitsecs``; start).
-This catches what the server's own watchdog cannot: a wedged process or event loop that answers nothing.
+the program through supervisor's XML-RPC interface. A server that answers "not ready" is stopped gracefully
+(SIGTERM, then SIGKILL after ``stopwaitsecs``) and started; one that answers nothing at all (a wedged process or
+event loop, which SIGTERM cannot reach) gets SIGKILL at once and supervisor's autorestart starts it. This catches
+what the server's own watchdog cannot.
+
+A program that keeps dying right after its start ends FATAL in supervisor, which then never starts it again on its
+own. The listener starts a FATAL program again after ``--revive-after`` seconds, doubling the wait after each
+revival that does not end ready (up to ``--revive-max``), so a kiosk always comes back once the cause is gone.
 
 Only the standard library and supervisor's ``childutils`` are used; stdout belongs to the listener protocol, so
 all logging goes to stderr.
@@ -100,7 +106,15 @@ def _rpc() -> Any:
     return childutils.getRPCInterface(os.environ)
 
 
-def _restart(rpc: Any, program: str) -> None:
+def _restart(rpc: Any, program: str, *, answering: bool = True) -> None:
+    """Restart ``program``: gracefully when it still answers; SIGKILL when it answers nothing (a stopped or wedged
+    process ignores SIGTERM, and waiting ``stopwaitsecs`` for it only prolongs the outage)."""
+    if not answering:
+        try:
+            rpc.supervisor.signalProcess(program, "KILL")
+            return  # autorestart starts it again
+        except Exception as exc:  # exited meanwhile: start it below
+            log.warning("killing %s: %s", program, exc)
     try:
         rpc.supervisor.stopProcess(program, True)
     except Exception as exc:  # already stopped or exited on its own: start it anyway
@@ -108,27 +122,77 @@ def _restart(rpc: Any, program: str) -> None:
     rpc.supervisor.startProcess(program, False)
 
 
+class Reviver:
+    """When to start a FATAL program again: ``first`` seconds after it went FATAL, then twice as long after each
+    revival that ends FATAL again, at most ``longest``; back to ``first`` once it has been ready.
+
+    >>> r = Reviver(first=10, longest=25)
+    >>> [r.due(now) for now in (0, 9, 10)]  # FATAL seen at 0
+    [False, False, True]
+    >>> r.due(11), r.due(30), r.due(31)  # FATAL again at 11: now 20 s
+    (False, False, True)
+    >>> r.due(32), r.due(56), r.due(57)  # capped at 25 s
+    (False, False, True)
+    >>> r.ready(); r.due(100), r.due(110)
+    (False, True)
+    """
+
+    def __init__(self, *, first: float, longest: float):
+        self.first = first
+        self.longest = longest
+        self.delay = first
+        self.since: float | None = None  # when the current FATAL spell was first seen
+
+    def due(self, now: float) -> bool:
+        """Called while the program is FATAL; True when it should be started now."""
+        if self.since is None:
+            self.since = now
+        if now - self.since < self.delay:
+            return False
+        self.since = None
+        self.delay = min(self.delay * 2, self.longest)
+        return True
+
+    def ready(self) -> None:
+        """The program answered ready: the next FATAL spell starts from ``first`` again."""
+        self.delay = self.first
+        self.since = None
+
+
 def listen(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The supervisor event-listener loop (never returns while supervisord runs)."""
     from supervisor import childutils
 
     watcher = Watcher(failures=args.failures, startup_seconds=args.startup_seconds)
+    reviver = Reviver(first=args.revive_after, longest=args.revive_max)
     rpc = _rpc()
     while True:
         headers, _payload = childutils.listener.wait(stdin, stdout)
         try:
             if headers.get("eventname", "").startswith("TICK"):
                 info = rpc.supervisor.getProcessInfo(args.program)
-                running = info.get("statename") == "RUNNING"
+                state = info.get("statename")
+                if state == "FATAL":
+                    if reviver.due(time.monotonic()):
+                        log.error("%s is FATAL (it kept exiting right after its start; last: %s); starting it "
+                                  "again (next time after %.0f s if it fails again)", args.program,
+                                  info.get("spawnerr") or info.get("description") or "?", reviver.delay)
+                        rpc.supervisor.startProcess(args.program, False)
+                    childutils.listener.ok(stdout)
+                    continue
+                running = state == "RUNNING"
                 uptime = float(info.get("now", 0) - info.get("start", 0)) if running else 0.0
                 probe = check(args.url, timeout=args.timeout, auth=args.auth) if running else Probe(False, "", "")
+                if probe.ok:
+                    reviver.ready()
                 if running and not probe.ok:
                     log.warning("%s not ready (%s, %d/%d): %s", args.program, probe.status or "no status",
                                 watcher.count + 1, args.failures, probe.detail)
                 if watcher.observe(probe, running=running, uptime_s=uptime):
-                    log.error("%s failed its readiness check %d times in a row; restarting it", args.program,
-                              args.failures)
-                    _restart(rpc, args.program)
+                    answering = probe.detail.startswith("HTTP")
+                    log.error("%s failed its readiness check %d times in a row; restarting it%s", args.program,
+                              args.failures, "" if answering else " (it answers nothing: SIGKILL)")
+                    _restart(rpc, args.program, answering=answering)
         except Exception:  # a failing check must not kill the listener (supervisor would mark it FATAL)
             log.exception("health check failed")
         childutils.listener.ok(stdout)
@@ -218,7 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lis.add_argument("--failures", type=int, default=3, help="failed checks in a row before a restart [3]")
     lis.add_argument("--startup-seconds", type=float, default=900,
                      help="loading/warming is not a failure for this long after a start [900]")
-    lis.add_argument("--timeout", type=float, default=10, help="seconds to wait for one answer [10]")
+    lis.add_argument("--timeout", type=float, default=5, help="seconds to wait for one answer [5]")
+    lis.add_argument("--revive-after", type=float, default=10,
+                     help="start a FATAL program again after this many seconds, doubling each time [10]")
+    lis.add_argument("--revive-max", type=float, default=300, help="longest wait before starting it again [300]")
     lis.set_defaults(func=listen)
     wai = sub.add_parser("wait", help="exit 0 once /readyz answers 200 (1 after --timeout)")
     wai.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds [1800]")

@@ -5,7 +5,12 @@ the model is ready. Exit codes, for supervisor:
 
 * 0 — stopped by SIGTERM/SIGINT (the running job finished or was cancelled within ``grace_seconds``);
 * 1 — the model failed to load or warm up;
+* 2 — a setting, the model name or the auth file is wrong (one line says which);
+* 3 — the address can't be bound: the port is in use, or no permission (before "serving on …");
 * 70 — unhealthy: a sticky CUDA error, a step hung longer than ``watchdog_seconds``, or the worker died.
+
+The port is bound first (``startup.py``): /healthz answers within a second of the start, while torch and the web UI
+are still being imported and built.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -241,6 +247,7 @@ class Service:
             self._engine_thread = self.engine.start_in_background()
         watchdog = threading.Thread(target=self._watch, name="zimage-watchdog", daemon=True)
         watchdog.start()
+        threading.Thread(target=sweep_output_dir, args=(self.settings,), name="zimage-sweep", daemon=True).start()
         try:
             self.server.run(sockets=sockets)
         finally:
@@ -339,27 +346,62 @@ class Service:
                                   f"{running.total_steps}; watchdog {limit:g} s)")
 
 
+def sweep_output_dir(settings: Settings) -> int:
+    """Delete the half-written ``.part`` files a crash mid-save left in the output folder (one log line)."""
+    from ..metadata import sweep_partial_files
+
+    try:
+        removed = sweep_partial_files(Path(settings.output_dir))
+    except OSError as exc:
+        log.warning("could not look for half-written files in the output folder: %s", exc.strerror or exc)
+        return 0
+    if removed:
+        log.info("removed %d half-written image file(s) left by an earlier crash", removed)
+    return removed
+
+
+def _base_url(settings: Settings) -> str:
+    return f"http://{settings.host if ':' not in settings.host else f'[{settings.host}]'}:{settings.port}"
+
+
 def _warn_about_exposure(settings: Settings, users: dict[str, str]) -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not users:
         log.warning("serving %s without --auth: anyone who can reach this address can use the GPU", settings.host)
 
 
-def serve(settings: Settings) -> int:
-    """``zimage-ui serve``: run until SIGTERM/SIGINT (exit 0) or an unrecoverable error (non-zero)."""
+def serve(settings: Settings, *, sock: socket.socket | None = None, early: Any = None) -> int:
+    """``zimage-ui serve``: run until SIGTERM/SIGINT (exit 0) or an unrecoverable error (non-zero).
+
+    ``sock``: the listening socket (bound by the CLI before the heavy imports); ``early``: the stand-in answering
+    health checks on it meanwhile (``startup.EarlyResponder``), stopped just before uvicorn takes the socket."""
     from ..models.sources import resolve_model
     from .security import load_users
+    from .startup import EarlyResponder, bind_socket, stop_on_signals
 
-    # a wrong --model or auth file fails here, in one line, before anything starts
-    resolve_model(settings.model, model_dir=settings.model_dir)
-    _warn_about_exposure(settings, load_users(settings))
-    from ..engine.engine import Engine
+    stop_on_signals()  # SIGTERM while starting: exit 0
+    if sock is None:
+        sock = bind_socket(settings.host, settings.port)
+        early = EarlyResponder(sock).start()
+    try:
+        # a wrong --model or auth file fails here, in one line, before anything starts
+        resolve_model(settings.model, model_dir=settings.model_dir)
+        _warn_about_exposure(settings, load_users(settings))
+        log.info("listening on %s; starting up (/healthz answers, /readyz says loading until ready)",
+                 _base_url(settings))
+        from ..engine.engine import Engine
 
-    engine = Engine(settings)
-    engine_thread = engine.start_in_background()  # weights load while the web UI is being built
-    service = Service(settings, engine=engine, engine_thread=engine_thread)
-    log.info("serving on http://%s:%d (readiness at /readyz, API docs at /docs)",
-             settings.host if ":" not in settings.host else f"[{settings.host}]", settings.port)
-    code = service.run()
+        engine = Engine(settings)
+        engine_thread = engine.start_in_background()  # weights load while the web UI is being built
+        service = Service(settings, engine=engine, engine_thread=engine_thread)
+    finally:
+        # uvicorn installs its own handlers while it runs and puts these back after: Python's defaults, not the
+        # start-up ones (a late SIGTERM must not turn an exit 70 into 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if early is not None:
+            early.stop()  # uvicorn takes the socket; connections meanwhile wait in its backlog
+    log.info("serving on %s (readiness at /readyz, API docs at /docs)", _base_url(settings))
+    code = service.run(sockets=[sock])
     if service.engine_still_starting or service.state.fatal is not None:
         # a thread still loading weights or stuck on the GPU must not hold the exit
         logging.shutdown()
