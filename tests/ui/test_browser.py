@@ -9,6 +9,8 @@ import pytest
 
 from .conftest import serve_page, small_machine, wait_until
 
+GiB = 2**30
+
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
@@ -98,7 +100,8 @@ def test_generate_in_the_browser_with_a_clamp_shown_before_queueing(open_page):
 
 
 def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, demo_engine):
-    with small_machine(demo_engine):  # 4 GiB in all, 1 GiB in use: the demo estimator's 1536² × 4 can't fit
+    # 2 GiB in all, 1 GiB in use: the demo estimator's 1536² × 4 can't fit, not even decoding one image at a time
+    with small_machine(demo_engine, total=2 * GiB):
         page = open_page()
         page.click("#size-class label:has-text('1536')")
         page.click("#advanced button")
