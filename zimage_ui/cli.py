@@ -36,7 +36,8 @@ _SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_h
 # What a flag's value is, where the last word of its name does not say it (--max-queue N, not QUEUE).
 _METAVARS = {"max_queue": "N", "jobs_per_client": "N", "rate_limit_per_minute": "N", "ui_gallery_max": "N",
              "prompt_cache_size": "N", "max_side": "PIXELS", "auth": "USER:PASSWORD", "history_db": "FILE",
-             "port": "PORT", "cors_origins": "ORIGINS"}
+             "port": "PORT", "cors_origins": "ORIGINS", "login_failures_per_minute": "N", "max_connections": "N",
+             "allowed_hosts": "HOSTS", "header_timeout_seconds": "SECONDS", "vram_budget_gb": "GIB"}
 
 # The server's door limits (docs/deployment.md, "Security defaults"): serve-only flags too.
 _DOOR_FLAGS = ("allowed_hosts", "login_failures_per_minute", "max_connections", "header_timeout_seconds")

@@ -17,39 +17,45 @@ Modules: :mod:`.probe` (snapshots and the bar's segments), :mod:`.nvml` (the one
 :mod:`.estimator` (peak working memory, admission), :mod:`.planner` (placement from a VRAM budget).
 """
 
-from zimage_ui.memory import nvml
-from zimage_ui.memory.estimator import (
-    DEFAULT_MARGIN_BYTES,
-    Admission,
-    AdmissionState,
-    WorkingMemoryEstimator,
-    WorkShape,
-    admit,
-    admit_shape,
-    available_bytes,
-    largest_fitting,
-)
-from zimage_ui.memory.planner import (
-    PLACEMENTS,
-    Z_IMAGE_TURBO_BF16,
-    ComponentSizes,
-    DeviceFacts,
-    Placement,
-    PlacementOption,
-    PlanResult,
-    plan,
-)
-from zimage_ui.memory.probe import (
-    CpuMemorySource,
-    CudaMemorySource,
-    MemoryProbe,
-    MemorySnapshot,
-    MemorySource,
-    RawMemory,
-    compose_snapshot,
-    make_probe,
-    weights_on_device,
-)
+# Names are imported on first use (PEP 562), so ``import zimage_ui.memory.allocator`` — which the command line does
+# before anything else, to configure CUDA's allocator — pulls in neither torch nor numpy.
+_WHERE = {
+    "DEFAULT_MARGIN_BYTES": "estimator",
+    "Admission": "estimator",
+    "AdmissionState": "estimator",
+    "WorkingMemoryEstimator": "estimator",
+    "WorkShape": "estimator",
+    "admit": "estimator",
+    "admit_shape": "estimator",
+    "available_bytes": "estimator",
+    "largest_fitting": "estimator",
+    "PLACEMENTS": "planner",
+    "Z_IMAGE_TURBO_BF16": "planner",
+    "ComponentSizes": "planner",
+    "DeviceFacts": "planner",
+    "Placement": "planner",
+    "PlacementOption": "planner",
+    "PlanResult": "planner",
+    "plan": "planner",
+    "CpuMemorySource": "probe",
+    "CudaMemorySource": "probe",
+    "MemoryProbe": "probe",
+    "MemorySnapshot": "probe",
+    "MemorySource": "probe",
+    "RawMemory": "probe",
+    "compose_snapshot": "probe",
+    "make_probe": "probe",
+    "weights_on_device": "probe",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"zimage_ui.memory.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'zimage_ui.memory' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MARGIN_BYTES",

@@ -432,7 +432,7 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         while not done.is_set():
             with anyio.move_on_after(DISCONNECT_POLL_S):
                 await done.wait()
-            if done.is_set():
+            if done.is_set() or job.done:  # job.done: the job ended, its listener's wake-up is on its way
                 break
             if state.fatal is not None:
                 return _error(503, "unhealthy", f"the server is unhealthy and restarting: {state.fatal}")
