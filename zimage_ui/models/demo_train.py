@@ -4,7 +4,8 @@ Same architecture as the untrained demo model (``demo.py``): tiny ``ZImageTransf
 encoder over the word-level tokenizer, tiny 16-channel ``AutoencoderKL``. Three phases, all from one seed:
 
 1. **Data.** ``--samples`` training scenes (``shapes_world.training_scene(seed, i)``) rendered with Pillow by a
-   pool of worker processes; the held-out (colour, shape, background) triples are never drawn.
+   pool of worker processes; the held-out (colour, shape, background) triples are never drawn. 8% of captions
+   carry one word from outside the world ("a beautiful red circle"), so such words do not derail the picture.
 2. **VAE** as an autoencoder (MSE + L1 on pixels, a small KL on the posterior). Its latents' mean and standard
    deviation become the VAE config's ``shift_factor`` and ``scaling_factor``, which the pipeline uses.
 3. **Transformer and text encoder together**, flow matching in that latent space as ``ZImagePipeline`` samples it:
@@ -80,6 +81,31 @@ class _Clock:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Words a user may add that the world does not have ("a beautiful red circle", "a red dragon"): a few training
+# captions carry one, so the model learns to draw the rest of the caption and ignore them (the UI names them).
+FILLER_RATE = 0.08
+
+
+def _filler_words() -> list[str]:
+    from zimage_ui.models.demo import VOCAB_WORDS
+    from zimage_ui.models.shapes_world import world_words
+
+    known = world_words()
+    return sorted({w for w in VOCAB_WORDS if w not in known}) + ["dragon", "please", "very"]
+
+
+def training_caption(seed: int, index: int, caption: str) -> str:
+    """Training scene ``index``'s caption as trained on: sometimes with one out-of-world word inserted."""
+    import random
+
+    rng = random.Random(f"filler:{seed}:{index}")
+    if rng.random() >= FILLER_RATE:
+        return caption
+    words = caption.split()
+    words.insert(rng.randrange(len(words) + 1), rng.choice(_filler_words()))
+    return " ".join(words)
+
+
 def _render_chunk(job: tuple[int, int, int, int]):
     import numpy as np
 
@@ -88,7 +114,7 @@ def _render_chunk(job: tuple[int, int, int, int]):
     seed, start, stop, side = job
     scenes = [training_scene(seed, i) for i in range(start, stop)]
     pixels = np.stack([np.asarray(render(s, side), dtype=np.uint8) for s in scenes])
-    return [s.caption for s in scenes], pixels
+    return [training_caption(seed, i, s.caption) for i, s in zip(range(start, stop), scenes, strict=True)], pixels
 
 
 def _judge_one(job):
@@ -269,9 +295,10 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma[:, None, None, None]
         xt = s * noise + (1 - s) * z0
+        lengths = mask.sum(1).tolist()  # right-padded: row i's tokens are its first lengths[i] (one sync, not b)
         with _autocast(device):
             hidden = te(input_ids=tok, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-            cap_feats = [hidden[i][mask[i]] for i in range(b)]
+            cap_feats = [hidden[i, :n] for i, n in enumerate(lengths)]
             out = tr(list(xt.unsqueeze(2).unbind(0)), 1 - sigma, cap_feats, return_dict=False)[0]
         pred = torch.stack(out).squeeze(2).float()
         loss = F.mse_loss(pred, z0 - noise)
