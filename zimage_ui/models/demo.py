@@ -169,8 +169,9 @@ def save_demo_weights(pipe: Any, path: Path, info: dict[str, Any] | None = None)
     for part in _PARTS:
         for key, value in getattr(pipe, part).state_dict().items():
             tensors[f"{part}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    # the whole config (transformers 5 keeps rope_theta inside rope_parameters), less bookkeeping
     te_config = {k: v for k, v in pipe.text_encoder.config.to_dict().items()
-                 if k in TEXT_ENCODER_CONFIG or k == "vocab_size"}
+                 if k not in ("transformers_version", "id2label", "label2id", "_name_or_path", "architectures")}
     meta = {
         "format": WEIGHTS_FORMAT,
         "transformer": json.dumps(dict(pipe.transformer.config)),
@@ -210,7 +211,7 @@ def load_trained_pipeline(path: Path | None = None):
     state = load_file(str(path))
     tokenizer = build_demo_tokenizer()
     with torch.random.fork_rng(devices=[]):  # the modules' random init is overwritten; keep the caller's RNG
-        text_encoder = Qwen3Model(Qwen3Config(**_config(meta, "text_encoder"))).eval()
+        text_encoder = Qwen3Model(Qwen3Config.from_dict(json.loads(meta["text_encoder"]))).eval()
         transformer = ZImageTransformer2DModel(**_config(meta, "transformer")).eval()
         vae = AutoencoderKL(**_config(meta, "vae")).eval()
     for part, module in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)):
@@ -240,6 +241,17 @@ def demo_label(trained: bool | None = None) -> str:
     """The demo model's name for the UI and logs (trained or not; default: whether the weights are shipped)."""
     trained = has_trained_weights() if trained is None else trained
     return DEMO_TRAINED_LABEL if trained else DEMO_MODEL_LABEL
+
+
+def demo_description(trained: bool | None = None) -> str:
+    """What the demo model's pictures are, for the banner and the logs."""
+    trained = has_trained_weights() if trained is None else trained
+    if trained:
+        from zimage_ui.models.shapes_world import EXAMPLE_PROMPTS
+
+        return (f"a tiny model trained on simple shapes and colours — try '{EXAMPLE_PROMPTS[0]}' "
+                f"({TRAINED_SIDE}×{TRAINED_SIDE})")
+    return "its images are abstract colour fields"
 
 
 def prompt_notes(prompt: str) -> list[str]:
