@@ -55,7 +55,7 @@ class TrainConfig:
     kl_weight: float = 1e-4
     dit_steps: int = 8000
     dit_batch: int = 128
-    dit_lr: float = 6e-4
+    dit_lr: float = 4e-4
     drop: float = 0.1
     ema: float = 0.998
     eval_prompts: int = 200
@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0  # 0: one per CPU core
     log_every: int = 25
+    print_every: int = 250
 
 
 @dataclass
@@ -232,6 +233,9 @@ def train_vae(vae, images, cfg: TrainConfig, device, budget_s: float, log: dict)
         losses.append(float(loss.detach()) if step % 5 == 0 else losses[-1])
         step += 1
         budget.after(step)
+        if step % cfg.print_every == 0:
+            print(f"[train-demo] vae step {step}/{budget.total} loss {losses[-1]:.4f} "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
     _sync(device)
     vae.eval().requires_grad_(False)
     log.update(vae_steps=step, vae_asked=cfg.vae_steps, vae_seconds=time.perf_counter() - t0,
@@ -313,6 +317,9 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         losses.append(float(loss.detach()) if step % 5 == 0 else losses[-1])
         step += 1
         budget.after(step)
+        if step % cfg.print_every == 0:
+            print(f"[train-demo] dit step {step}/{budget.total} loss {losses[-1]:.4f} "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
     _sync(device)
     tr.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
