@@ -486,7 +486,15 @@ def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> di
     log["weights_bytes"] = weights.stat().st_size
 
     t0 = time.perf_counter()
-    log["metrics"] = evaluate(final, cfg, pool, out)
+    try:
+        log["metrics"] = evaluate(final, cfg, pool, out)
+    except Exception:
+        # the weights are saved; keep the training record even when the evaluation breaks
+        import traceback
+
+        log.update(eval_error=traceback.format_exc(), wall_seconds=clock.elapsed())
+        (out / "train_log.json").write_text(json.dumps(log, indent=1, default=_jsonable), encoding="utf-8")
+        raise
     log["eval_seconds"] = time.perf_counter() - t0
     log["wall_seconds"] = clock.elapsed()
     m = log["metrics"]["turbo"]
