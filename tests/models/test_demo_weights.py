@@ -90,6 +90,16 @@ def test_banner_says_what_the_model_knows(shipped, tmp_path):
     assert "trained on simple shapes and colours" in banner and "a red circle on a blue background" in banner
 
 
+def page_updates(engine) -> tuple[bool, str]:
+    """(examples visible, banner text) as the web UI fills them in once the model is ready."""
+    from zimage_ui.ui.page import Page
+
+    page = Page(engine, engine.settings)
+    page.build()
+    updates = page.model_updates("en", fill_size=False)
+    return updates[page.w.examples]["visible"], updates[page.w.banner]["value"]
+
+
 def test_engine_notes_unknown_words(shipped, tmp_path):
     from zimage_ui.engine.engine import Engine
     from zimage_ui.settings import Settings
@@ -98,6 +108,9 @@ def test_engine_notes_unknown_words(shipped, tmp_path):
     engine.start()
     try:
         assert engine.presets().presets["turbo"].width == demo.TRAINED_SIDE
+        assert engine.model_info()["label"] == demo.DEMO_TRAINED_LABEL
+        examples, banner = page_updates(engine)
+        assert examples and "trained on simple shapes and colours" in banner and "a red circle" in banner
         odd = engine.generate({"prompt": "a red dragon on a blue castle", "width": 256, "height": 256, "seed": 1,
                                "steps": 2}, timeout=120)
         plain = engine.generate({"prompt": PROMPT, "width": 256, "height": 256, "seed": 1, "steps": 2},
@@ -117,6 +130,8 @@ def test_untrained_engine_has_no_word_notes(not_shipped, tmp_path):
     try:
         result = engine.generate({"prompt": "a red dragon", "width": 256, "height": 256, "seed": 1, "steps": 1},
                                  timeout=120)
+        examples, banner = page_updates(engine)
+        assert not examples and "untrained" in banner
     finally:
         engine.shutdown(0)
     assert not any("does not know" in n for n in result.notes)
