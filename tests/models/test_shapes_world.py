@@ -36,6 +36,7 @@ def test_captions_follow_the_grammar(train_scenes):
     assert world.caption_for(Scene("purple", "star", size="large")) == "a large purple star"
     assert world.caption_for(Scene("orange", "cross", count=3)) == "three orange crosses"
     assert world.caption_for(Scene("orange", "cross")) == "an orange cross"
+    assert world.caption_for(Scene("red", "star", background="orange")) == "a red star on an orange background"
     assert len(captions) > 1500  # a varied world, not a handful of sentences
     for s in train_scenes:
         assert s.caption == world.caption_for(s)

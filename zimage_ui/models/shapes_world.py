@@ -96,16 +96,20 @@ class Scene:
         return POSITIONS[self.position] if self.position else (1, 1)
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def caption_for(scene: Scene) -> str:
     """The caption of ``scene`` in the world's grammar."""
     size = f"{scene.size} " if scene.size else ""
     noun = scene.shape if scene.count == 1 else PLURALS[scene.shape]
     head = f"{size}{scene.colour} {noun}"
     if scene.count == 1:
-        head = ("an " if head[0] in "aeiou" else "a ") + head
+        head = f"{_article(head)} {head}"
     else:
         head = f"{COUNT_WORDS[scene.count]} {head}"
-    bg = f"on a {scene.background} background" if scene.background else ""
+    bg = f"on {_article(scene.background)} {scene.background} background" if scene.background else ""
     parts = [head]
     if scene.bg_last:
         parts += [bg, scene.position]
