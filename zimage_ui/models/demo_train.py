@@ -55,7 +55,7 @@ class TrainConfig:
     kl_weight: float = 1e-4
     dit_steps: int = 8000
     dit_batch: int = 128
-    dit_lr: float = 4e-4
+    dit_lr: float = 6e-4
     drop: float = 0.1
     ema: float = 0.998
     eval_prompts: int = 200
