@@ -91,7 +91,8 @@ def test_banner_says_what_the_model_knows(shipped, tmp_path):
 
     env = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "MODELSCOPE_CACHE": str(tmp_path / "ms")}
     banner = resolve_model("auto", env=env).banner
-    assert "trained on simple shapes and colours" in banner and "a red circle on a blue background" in banner
+    assert "trained on simple shapes" in banner and "simple shapes and colours" in banner
+    assert "try 'a red circle on a blue background'" in banner
 
 
 def page_updates(engine) -> tuple[bool, str]:

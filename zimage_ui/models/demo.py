@@ -249,8 +249,8 @@ def demo_description(trained: bool | None = None) -> str:
     if trained:
         from zimage_ui.models.shapes_world import EXAMPLE_PROMPTS
 
-        return (f"a tiny model trained on simple shapes and colours — try '{EXAMPLE_PROMPTS[0]}' "
-                f"({TRAINED_SIDE}×{TRAINED_SIDE})")
+        return (f"it draws simple shapes and colours at {TRAINED_SIDE}×{TRAINED_SIDE} — try "
+                f"'{EXAMPLE_PROMPTS[0]}'")
     return "its images are abstract colour fields"
 
 
