@@ -126,6 +126,18 @@ def test_engine_notes_unknown_words(shipped, tmp_path):
     assert not any("does not know" in n for n in plain.notes), plain.notes
 
 
+def test_request_notes_name_unknown_words_and_untrained_sizes():
+    from zimage_ui.validation import RunRequest
+
+    def notes(prompt: str, side: int) -> list[str]:
+        return demo.request_notes(RunRequest(prompt, "", "turbo", 8, 0.0, side, side, 1, 1))
+
+    assert notes(PROMPT, 256) == []
+    assert notes("a Red dragon on a blue castle, dragon!", 256) == [
+        "the demo model does not know: 'dragon', 'castle' (it only knows simple shapes, colours and positions)"]
+    assert notes(PROMPT, 512) == ["the demo model is trained for 256×256 pictures; at 512×512 it draws worse"]
+
+
 def test_untrained_engine_has_no_word_notes(not_shipped, tmp_path):
     from zimage_ui.engine.engine import Engine
     from zimage_ui.settings import Settings

@@ -444,8 +444,8 @@ class Engine:
         if preset.model == "base" and self.base_model is None and not self.model.is_demo and not self.model.is_base:
             return [f"{preset.label} runs on the Turbo weights (no base Z-Image configured, see --base-model); "
                     "guidance on Turbo weights softens images"]
-        hook = getattr(self.model.pipe.tokenizer, "prompt_notes", None)  # the trained demo model: unknown words
-        return hook(request.prompt) if hook else []
+        hook = getattr(self.model.pipe.tokenizer, "request_notes", None)  # trained demo model: unknown words, size
+        return hook(request) if hook else []
 
     # --- memory ---------------------------------------------------------------------------------------------
     def memory_snapshot(self) -> Any:

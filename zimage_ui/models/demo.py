@@ -222,8 +222,9 @@ def load_trained_pipeline(path: Path | None = None):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
-    # The engine's hook for notes on a request (see Engine.notes_for): words this model was never taught.
-    tokenizer.prompt_notes = prompt_notes
+    # The engine's hook for notes on a request (see Engine.notes_for): words this model was never taught, sizes it
+    # was not trained at.
+    tokenizer.request_notes = request_notes
     return pipe
 
 
@@ -233,8 +234,8 @@ def load_demo_pipeline():
 
 
 def is_trained(pipe: Any) -> bool:
-    """Whether ``pipe`` is the trained demo model (it carries the prompt-notes hook)."""
-    return getattr(getattr(pipe, "tokenizer", None), "prompt_notes", None) is prompt_notes
+    """Whether ``pipe`` is the trained demo model (it carries the request-notes hook)."""
+    return getattr(getattr(pipe, "tokenizer", None), "request_notes", None) is request_notes
 
 
 def demo_label(trained: bool | None = None) -> str:
@@ -263,3 +264,13 @@ def prompt_notes(prompt: str) -> list[str]:
         return []
     return ["the demo model does not know: " + ", ".join(f"'{w}'" for w in unknown)
             + " (it only knows simple shapes, colours and positions)"]
+
+
+def request_notes(request: Any) -> list[str]:
+    """Notes on a request (``prompt``, ``width``, ``height``) for the trained demo model: unknown words, and a size
+    other than the one it was trained at."""
+    notes = prompt_notes(request.prompt)
+    if (request.width, request.height) != (TRAINED_SIDE, TRAINED_SIDE):
+        notes.append(f"the demo model is trained for {TRAINED_SIDE}×{TRAINED_SIDE} pictures; "
+                     f"at {request.width}×{request.height} it draws worse")
+    return notes
