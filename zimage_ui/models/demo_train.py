@@ -356,8 +356,15 @@ def evaluate(pipe, cfg: TrainConfig, pool, out: Path) -> dict[str, Any]:
 
     scenes = held_out_scenes(cfg.eval_prompts)
     results: dict[str, Any] = {}
-    truth = pool.map(_judge_one, [(s, np.asarray(render(s, cfg.side))) for s in scenes])
+    truth_px = [np.asarray(render(s, cfg.side)) for s in scenes]
+    truth = pool.map(_judge_one, list(zip(scenes, truth_px, strict=True)))
     results["ground_truth"] = summarise(r[1] for r in truth)
+    # the VAE alone (encode, decode the truth): tells a VAE that loses shapes from a transformer that never drew them
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack(truth_px[:64])).to(pipe._execution_device).permute(0, 3, 1, 2).float()
+        rec = pipe.vae.decode(pipe.vae.encode(x / 127.5 - 1).latent_dist.mean).sample
+        rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    results["vae_reconstruction"] = summarise(r[1] for r in pool.map(_judge_one, list(zip(scenes, rec, strict=False))))
     runs = [("turbo", scenes, 8, 0.0), ("standard", scenes[:cfg.eval_cfg_prompts], 25, 4.0)]
     for name, subset, steps, guidance in runs:
         t0 = time.perf_counter()
@@ -395,7 +402,7 @@ def _markdown(cfg: TrainConfig, log: dict[str, Any]) -> str:
               f"| evaluation | | {log['eval_seconds']:.1f} | |", ""]
     lines += ["## Judge on held-out prompts", "", "| run | prompts | background | colour | shape | position | count |",
               "|---|---|---|---|---|---|---|"]
-    for name in ("ground_truth", "turbo", "standard"):
+    for name in ("ground_truth", "vae_reconstruction", "turbo", "standard"):
         m = log["metrics"][name]
 
         def pct(key: str, m: dict = m) -> str:
