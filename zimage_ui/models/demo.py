@@ -30,8 +30,9 @@ DEMO_WEIGHTS = Path(__file__).with_name("demo_weights") / "demo.safetensors"
 WEIGHTS_FORMAT = "zimage-ui-demo/1"
 TRAINED_SIDE = 256  # the trained demo model draws 256x256 pictures (its training resolution)
 
-# Sizes chosen so a 256x256 Turbo image (8 passes) takes well under 2 s on 2 CPU cores while keeping every
-# structural feature of the released model: 16 latent channels, 8x VAE, patch 2, qk-norm, 3-axis RoPE, refiners.
+# The trained demo model's sizes (``zimage-ui train-demo`` trains these; its weights file carries them too), chosen
+# so a 256x256 Turbo image (8 passes) takes well under 2 s on 2 CPU cores while keeping every structural feature of
+# the released model: 16 latent channels, 8x VAE, patch 2, qk-norm, 3-axis RoPE, refiners.
 # head_dim = dim / n_heads = sum(axes_dims) = 32. The VAE's full-resolution stage (16 channels) is its costly part.
 TRANSFORMER_CONFIG = dict(
     all_patch_size=(2,),
@@ -78,6 +79,14 @@ VAE_CONFIG = dict(
 )
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 
+# The untrained builder's sizes: the same architecture, smaller, so that what runs it untrained (the fallback
+# without the weights file, and the many tests that generate at 512-1024² on a CPU) stays fast — a 1024² CFG step
+# costs ~0.8 CPU-seconds here against ~5.4 at the trained sizes.
+UNTRAINED_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=64)
+UNTRAINED_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1)
+UNTRAINED_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=[16, 16, 32, 32])
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "[UNK]"]
 # Qwen3's template, reduced to what ZImagePipeline uses (a user turn, generation prompt, enable_thinking=True).
 CHAT_TEMPLATE = (
@@ -123,18 +132,22 @@ def build_demo_tokenizer():
     return tok
 
 
-def build_demo_pipeline(seed: int = DEMO_SEED):
-    """Build the untrained demo ``ZImagePipeline`` (float32, CPU). Same seed → bit-identical weights."""
+def build_demo_pipeline(seed: int = DEMO_SEED, *, trained_sizes: bool = False):
+    """Build the untrained demo ``ZImagePipeline`` (float32, CPU). Same seed → bit-identical weights.
+
+    ``trained_sizes``: the trained model's sizes (what ``train-demo`` starts from) instead of the small ones."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
+    te_cfg, tr_cfg, vae_cfg = ((TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG) if trained_sizes else
+                               (UNTRAINED_TEXT_ENCODER_CONFIG, UNTRAINED_TRANSFORMER_CONFIG, UNTRAINED_VAE_CONFIG))
     tokenizer = build_demo_tokenizer()
     fork_devices: list = []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), **TEXT_ENCODER_CONFIG)).eval()
-        transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG).eval()
-        vae = AutoencoderKL(**VAE_CONFIG).eval()
+        text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), **te_cfg)).eval()
+        transformer = ZImageTransformer2DModel(**tr_cfg).eval()
+        vae = AutoencoderKL(**vae_cfg).eval()
         with torch.no_grad():
             # diffusers zero-initialises the final layers; give them weights so the image depends on prompt
             # and seed instead of being flat grey.

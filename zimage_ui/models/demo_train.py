@@ -462,7 +462,7 @@ def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> di
     log["render_seconds"] = time.perf_counter() - t0
     print(f"[train-demo] rendered {len(captions)} scenes in {log['render_seconds']:.1f} s", flush=True)
 
-    pipe = build_demo_pipeline(cfg.seed)
+    pipe = build_demo_pipeline(cfg.seed, trained_sizes=True)
     for part in ("transformer", "text_encoder", "vae"):
         torch.nn.Module.to(getattr(pipe, part), device, torch.float32)
     images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
