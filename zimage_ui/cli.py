@@ -176,6 +176,16 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train-demo -----------------------------------------------------------------------------------------------
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from .models.demo_train import config_from_args, train
+
+    _setup_logging("warning")
+    log = train(config_from_args(args))
+    print(Path(args.out) / "demo.safetensors", f"({log['wall_seconds']:.0f} s)")
+    return 0
+
+
 # --- bench ----------------------------------------------------------------------------------------------------
 _BENCH_SETTINGS = ("model", "model_dir", "device", "dtype", "presets_file", "max_side", "warmup", "compile",
                    "compile_vae", "attention", "fp8", "placement", "vram_budget_gb", "memory_margin_gb",
@@ -331,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Tongyi-MAI/Z-Image-Turbo (default) or Tongyi-MAI/Z-Image (base)")
     dl.add_argument("--cache-dir", help="where to put it (default: the source's own cache)")
     dl.set_defaults(func=cmd_download)
+
+    from .models.demo_train import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train-demo", help="train the embedded demo model on the shapes world (one GPU, minutes)")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train_demo)
     return parser
 
 

@@ -149,7 +149,9 @@ def test_bf16_on_cpu_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
 # --- demo --------------------------------------------------------------------------------------------------------
 
 
-def test_load_demo(reference: np.ndarray) -> None:
+def test_load_demo(reference: np.ndarray, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # without the trained weights file, --model demo is the untrained builder (test_demo_weights.py: with it)
+    monkeypatch.setattr("zimage_ui.models.demo.DEMO_WEIGHTS", tmp_path / "absent.safetensors")
     lm = load_model(DEMO_SOURCE, device="cpu", dtype="bf16")  # the demo ignores bf16 on CPU: always float32 there
     assert isinstance(lm, LoadedModel)
     assert type(lm.pipe).__name__ == "ZImagePipeline"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zimage_ui.models.demo import DEMO_MODEL_LABEL, build_demo_pipeline
+from zimage_ui.models.demo import build_demo_pipeline, demo_label
 from zimage_ui.models.sources import (
     BASE_REPO,
     KNOWN_REPOS,
@@ -286,7 +286,7 @@ def test_demo_spec(tmp_path: Path) -> None:
     src = res.source
     assert res.banner is None
     assert (src.kind, src.path, src.repo_id, src.is_demo, src.is_base) == ("demo", None, None, True, False)
-    assert src.model_id == "demo" and src.label == DEMO_MODEL_LABEL
+    assert src.model_id == "demo" and src.label == demo_label()  # "trained on simple shapes" when shipped
 
 
 def test_folder_specs(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,7 +96,7 @@ def test_generate_in_the_browser_with_a_clamp_shown_before_queueing(open_page):
     assert page.input_value("#steps input") == "16"
     page.wait_for_selector("#gallery img", timeout=60_000)
     status = page.inner_text("#status")
-    assert re.search(r"1 image · 512×512 · 16 steps · seed \d+ · [\d.]+ s · peak working memory", status), status
+    assert re.search(r"1 image · 256×256 · 16 steps · seed \d+ · [\d.]+ s · peak working memory", status), status
 
 
 def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, demo_engine):
@@ -209,7 +209,7 @@ def test_a_tab_opened_while_the_model_loads_comes_alive_when_it_is_ready(browser
             page.wait_for_selector("#status:has-text('Ready.')", timeout=10_000)
             assert "Demo model" in page.inner_text("#zi-banner")
             assert "demo model" in page.inner_text("#zi-model")
-            assert page.inner_text("#size-readout").strip() == "512 × 512 px"  # the demo model's default size
+            assert page.inner_text("#size-readout").strip() == "256 × 256 px"  # the demo model's default size
             assert set(dict(page.evaluate(SEGMENTS_JS))) >= {"weights", "working", "free"}
             context.close()
     finally:

@@ -32,7 +32,7 @@ from .worker import SerialWorker
 
 log = logging.getLogger(__name__)
 
-DEMO_DEFAULT_SIDE = 512  # the demo model's default size: a fast, honest first image on a laptop CPU
+DEMO_DEFAULT_SIDE = 256  # the demo model's default size: what it is trained for (models/demo.py, TRAINED_SIDE)
 
 
 class EngineState(enum.StrEnum):
@@ -540,7 +540,8 @@ class Engine:
         if preset.model == "base" and self.base_model is None and not self.model.is_demo and not self.model.is_base:
             return [f"{preset.label} runs on the Turbo weights (no base Z-Image configured, see --base-model); "
                     "guidance on Turbo weights softens images"]
-        return []
+        hook = getattr(self.model.pipe.tokenizer, "request_notes", None)  # trained demo model: unknown words, size
+        return hook(request) if hook else []
 
     # --- memory ---------------------------------------------------------------------------------------------
     def memory_snapshot(self) -> Any:

@@ -110,7 +110,11 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        """See :attr:`ModelSource.label`."""
+        """See :attr:`ModelSource.label` (for the demo model: trained or not, as loaded)."""
+        if self.source.is_demo:
+            from zimage_ui.models.demo import demo_label, is_trained
+
+            return demo_label(is_trained(self.pipe))
         return self.source.label
 
     @property
@@ -239,10 +243,10 @@ def load_model(source: ModelSource, *, device: torch.device | str = "auto", dtyp
 
 def _load_demo(source: ModelSource, dev: torch.device, dt: torch.dtype,
                share_from: LoadedModel | None) -> LoadedModel:
-    from zimage_ui.models.demo import build_demo_pipeline
+    from zimage_ui.models.demo import load_demo_pipeline
 
     t0 = time.perf_counter()
-    pipe = build_demo_pipeline()
+    pipe = load_demo_pipeline()  # the trained weights when shipped, else the untrained builder
     if share_from is not None:
         from diffusers import ZImagePipeline
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from zimage_ui.models.demo import DEMO_MODEL_ID, DEMO_MODEL_LABEL
+from zimage_ui.models.demo import DEMO_MODEL_ID, demo_description, demo_label
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ModelSource:
     def label(self) -> str:
         """Human text for the UI and logs."""
         if self.is_demo:
-            return DEMO_MODEL_LABEL
+            return demo_label()
         if self.kind == "hf":
             return f"{self.repo_id} (Hugging Face cache)"
         if self.kind == "modelscope":
@@ -432,7 +432,7 @@ def _resolve_auto(model_dir: Path | None, env: Mapping[str, str]) -> Resolution:
     looked.append(f"ModelScope cache {ms}")
     banner = (
         f"No Z-Image weights found ({' or '.join(KNOWN_REPOS)}; looked in: {'; '.join(looked)}), "
-        f"so this is the {DEMO_MODEL_LABEL}: its images are abstract colour fields. "
+        f"so this is the {demo_label()}: {demo_description()}. "
         "Get the real model with `zimage-ui download` (or `zimage-ui download --source modelscope`), "
         "or set ZIMAGE_UI_MODEL_DIR / --model PATH to a Z-Image folder."
     )

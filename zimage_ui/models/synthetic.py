@@ -64,11 +64,11 @@ FULL_CONFIGS = SyntheticConfigs(FULL_TRANSFORMER_CONFIG, FULL_TEXT_ENCODER_CONFI
 
 
 def demo_configs() -> SyntheticConfigs:
-    """The demo model's sizes (zimage_ui/models/demo.py): the same builder, small enough for a CPU test."""
+    """The untrained demo model's sizes (zimage_ui/models/demo.py): the same builder, small enough for a CPU test."""
     from zimage_ui.models import demo
 
-    te = dict(demo.TEXT_ENCODER_CONFIG, vocab_size=len(demo.build_demo_tokenizer()))
-    return SyntheticConfigs(dict(demo.TRANSFORMER_CONFIG), te, dict(demo.VAE_CONFIG))
+    te = dict(demo.UNTRAINED_TEXT_ENCODER_CONFIG, vocab_size=len(demo.build_demo_tokenizer()))
+    return SyntheticConfigs(dict(demo.UNTRAINED_TRANSFORMER_CONFIG), te, dict(demo.UNTRAINED_VAE_CONFIG))
 
 
 @contextlib.contextmanager

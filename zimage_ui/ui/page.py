@@ -28,6 +28,7 @@ import gradio as gr
 
 from ..engine.jobs import ClientBusy, EngineError, Job, JobState, MemoryRefused, NotReady, QueueFull
 from ..limits import Client, DoorLimits
+from ..models.shapes_world import EXAMPLE_PROMPTS
 from ..paths import ASSETS_DIR
 from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
@@ -82,6 +83,7 @@ class Widgets:
     gpu: Any
     ready_seen: Any
     last_active: Any
+    examples: Any = None  # the trained demo model's example prompts (hidden otherwise)
 
     def params(self) -> set[Any]:
         """The widgets a request is built from (plus the language, which every text needs)."""
@@ -123,6 +125,12 @@ class Page:
         device = getattr(model, "device", None)
         index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
         return nvml.gpu_stats(index)
+
+    def _knows_shapes(self) -> bool:
+        """Whether the loaded model is the trained demo model (it draws the shapes world's prompts)."""
+        from ..models.demo import is_trained
+
+        return self._is_demo() and is_trained(self.engine.model.pipe)
 
     def _is_demo(self) -> bool:
         model = getattr(self.engine, "model", None)
@@ -325,14 +333,14 @@ class Page:
     def banner_update(self, lang: str) -> Any:
         if not self._is_demo():
             return gr.update(visible=False)
-        text = f"**{t(lang, 'demo_title')}** — {t(lang, 'demo_text')}"
+        text = f"**{t(lang, 'demo_title')}** — {t(lang, 'demo_text_trained' if self._knows_shapes() else 'demo_text')}"
         return gr.update(value=text, visible=True)
 
     def model_updates(self, lang: str, *, fill_size: bool) -> dict[Any, Any]:
         """What depends on the loaded model: title, banner, size classes and (once per tab) the default size."""
         w = self.w
         out: dict[Any, Any] = {w.title: self.title_html(lang), w.banner: self.banner_update(lang),
-                               w.ready_seen: True}
+                               w.ready_seen: True, w.examples: gr.update(visible=self._knows_shapes())}
         classes = self._class_choices()
         out[w.size_class] = gr.update(choices=classes)
         if fill_size:
@@ -602,6 +610,9 @@ class Page:
                             negative = gr.Textbox(label=t(lang, "negative_label"), lines=2, max_lines=4,
                                                   placeholder=t(lang, "negative_placeholder"),
                                                   visible=preset.guidance > 0, elem_id="negative-prompt")
+                        with gr.Column(visible=False, elem_id="zi-examples") as examples:  # trained demo only
+                            gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt],
+                                        label=t(lang, "demo_examples_label"))
                         with gr.Group():
                             preset_radio = gr.Radio([(t(lang, f"preset.{n}"), n) for n in book.presets],
                                                     value=preset.name, label=t(lang, "preset_label"),
@@ -657,7 +668,7 @@ class Page:
                                  guidance=guidance, width=width, height=height, seed=seed, random_seed=random_seed,
                                  batch=batch, generate=generate, cancel=cancel, notice=notice, status=status,
                                  gallery=gallery, gallery_state=gallery_state, gpu_accordion=gpu_accordion, gpu=gpu,
-                                 ready_seen=ready_seen, last_active=last_active)
+                                 ready_seen=ready_seen, last_active=last_active, examples=examples)
             self._wire(demo)
         return demo
 
@@ -679,12 +690,12 @@ class Page:
         everything = [w.title, w.banner, w.lang, w.prompt, w.negative, w.preset, w.aspect, w.size_class,
                       w.advanced, w.steps, w.guidance, w.width, w.height, w.seed, w.random_seed, w.batch,
                       w.generate, w.cancel, w.gallery, w.gpu_accordion, w.gpu, w.vram, w.notice, w.status,
-                      w.size_readout, w.preset_info, w.ready_seen]
+                      w.size_readout, w.preset_info, w.ready_seen, w.examples]
         w.lang.input(self.on_language, params, everything, **quick)
         demo.load(self.on_load, params, everything, **quick)
 
         tick_out = [w.vram, w.generate, w.gpu, w.title, w.banner, w.size_class, w.aspect, w.width, w.height,
-                    w.size_readout, w.ready_seen, w.status]
+                    w.size_readout, w.ready_seen, w.status, w.examples]
         timer = gr.Timer(self.settings.vram_poll_seconds)
         timer.tick(self.on_tick, params | {w.ready_seen}, tick_out, **quick)
 
