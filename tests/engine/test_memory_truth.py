@@ -6,6 +6,7 @@ call and then to tiles of a size chosen from the memory left. Only CUDA's number
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -211,6 +212,17 @@ def engine(tmp_path_factory):
     e.shutdown(0)
 
 
+@contextlib.contextmanager
+def hooked(engine: Engine, seam: str, hook):
+    """Set one of the runner's test seams (``fault_hook``, ``decode_fault_hook``) for the duration."""
+    runner = engine.runners["turbo"]
+    setattr(runner, seam, hook)
+    try:
+        yield
+    finally:
+        setattr(runner, seam, None)
+
+
 def oom(gib: float) -> torch.cuda.OutOfMemoryError:
     return torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {gib:.2f} GiB. GPU 0 has ...")
 
@@ -228,13 +240,9 @@ def test_decode_oom_is_learned_and_the_rest_decodes_one_image_at_a_time(engine):
         if len(plans) == 1:
             raise oom(1.0)
 
-    runner = engine.runners["turbo"]
-    runner.decode_fault_hook = first_decode_fails
     before = dict(engine.oom_events)
-    try:
+    with hooked(engine, "decode_fault_hook", first_decode_fails):
         result = engine.generate(raw, timeout=60)
-    finally:
-        runner.decode_fault_hook = None
     assert [p.chunk for p in plans] == [2, 1, 1] and plans[1].tile is None
     assert any("VAE decode" in n and "1 image per decode" in n for n in result.notes), result.notes
     for a, b in zip(result.images, expected.images, strict=True):
@@ -259,12 +267,8 @@ def test_denoise_oom_is_learned_and_retried_once(engine):
         if attempt == 1:
             raise oom(0.5)
 
-    runner = engine.runners["turbo"]
-    runner.fault_hook = first_attempt_fails
-    try:
+    with hooked(engine, "fault_hook", first_attempt_fails):
         result = engine.generate(raw, timeout=60)
-    finally:
-        runner.fault_hook = None
     assert 1 in attempts and 2 in attempts and result.images
     assert any("denoise" in n for n in result.notes)
     assert engine.estimator.learned[shape][1] == "denoise"
@@ -280,22 +284,17 @@ def test_tiles_are_sized_from_the_memory_left_and_a_clear_error_when_nothing_fit
         if plan.tile is None:
             raise oom(0.25)
 
-    runner = engine.runners["turbo"]
-    runner.decode_fault_hook = untiled_fails
-    try:
+    with hooked(engine, "decode_fault_hook", untiled_fails):
         result = engine.generate(raw, timeout=60)
-    finally:
-        runner.decode_fault_hook = None
     assert plans[-1].tile is not None and plans[-1].tile < 512
     assert result.images[0].size == (512, 512) and any("tiles" in n for n in result.notes)
 
-    runner.decode_fault_hook = lambda req, plan: (_ for _ in ()).throw(oom(0.1))
-    try:
-        with pytest.raises(JobFailed, match="smallest tiles") as info:
-            engine.generate({**raw, "seed": 4}, timeout=60)
-        assert info.value.kind == "oom"
-    finally:
-        runner.decode_fault_hook = None
+    def always_fails(req, plan):
+        raise oom(0.1)
+
+    with hooked(engine, "decode_fault_hook", always_fails), pytest.raises(JobFailed, match="smallest tiles") as info:
+        engine.generate({**raw, "seed": 4}, timeout=60)
+    assert info.value.kind == "oom"
     assert engine.generate({**raw, "seed": 5}, timeout=60).images  # and the engine goes on
 
 

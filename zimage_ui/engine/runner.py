@@ -145,28 +145,24 @@ class PipelineRunner:
         keeping the latents and the images already decoded, until even the smallest tile fails.
         """
         recovered: list[str] = []
-        try:
-            latents, timings = self._denoise(job, attempt=1)
-        except JobCancelled:
-            raise
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            log.warning("out of memory in the denoise of %s; freeing the cache and retrying", job.id)
-            self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + tried_bytes(exc))
-            self.free_memory()
+        for attempt in (1, 2):
             try:
-                latents, timings = self._denoise(job, attempt=2)
+                latents, timings = self._denoise(job, attempt=attempt)
+                break
             except JobCancelled:
                 raise
-            except Exception as exc2:
-                if not is_oom(exc2):
+            except Exception as exc:
+                if not is_oom(exc):
                     raise
-                self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + tried_bytes(exc2))
-                self.free_memory()
+                failed = tried_bytes(exc)
+            # out here the failed run's tensors, held by the error's traceback, are free: empty_cache can give
+            # them back before the second try
+            self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + failed)
+            self.free_memory()
+            if attempt == 2:
                 raise JobFailed(f"out of memory at {job.request.width}x{job.request.height} batch "
-                                f"{job.request.batch} in the denoise, twice; try a smaller size or batch",
-                                kind="oom") from None
+                                f"{job.request.batch} in the denoise, twice; try a smaller size or batch", kind="oom")
+            log.warning("out of memory in the denoise of %s; freed the cache, running it again", job.id)
             recovered.append("ran out of memory in the denoise once; ran again after freeing the cache")
         t_decode = time.perf_counter()
         images, plan = self._decode_all(job, latents, decode_batch, recovered)
