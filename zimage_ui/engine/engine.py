@@ -468,7 +468,7 @@ class Engine:
     RELEASE_AFTER_S = 0.3
 
     def _on_idle(self) -> None:
-        """The worker's idle hook (its thread, about once a second while the queue is empty): give the allocator's
+        """The worker's idle hook (its thread, every half second while the queue is empty): give the allocator's
         cache back once the queue has been empty for ``RELEASE_AFTER_S``, and unload after
         ``idle_unload_minutes`` without a job."""
         idle = time.monotonic() - self._last_active
