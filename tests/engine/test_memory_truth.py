@@ -249,7 +249,7 @@ def test_decode_oom_is_learned_and_the_rest_decodes_one_image_at_a_time(engine):
         np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=2)
     assert engine.oom_events["decode"] == before["decode"] + 1
     learned, phase = engine.estimator.learned[shape]
-    assert phase == "decode" and learned >= 1.1 * GiB
+    assert phase == "decode" and learned >= int(1.1 * GiB)  # the failed allocation, at least, plus 10%
     # the same request is predicted right next time: at least what it was seen to need
     assert engine.predict_working_bytes(request) >= GiB > predicted
     # and the lesson survives a restart with the calibration file

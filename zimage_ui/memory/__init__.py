@@ -50,9 +50,11 @@ _WHERE = {
 
 
 def __getattr__(name: str) -> object:
-    if name in _WHERE:
-        import importlib
+    import importlib
 
+    if name in ("allocator", "estimator", "nvml", "planner", "probe"):  # ``zimage_ui.memory.nvml`` as an attribute
+        return importlib.import_module(f"zimage_ui.memory.{name}")
+    if name in _WHERE:
         return getattr(importlib.import_module(f"zimage_ui.memory.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'zimage_ui.memory' has no attribute {name!r}")
 
