@@ -1,4 +1,4 @@
-"""The size picker's table: aspect ratios × size classes, read from ``assets/sizes.toml``.
+"""The size picker's table: aspect ratios × size classes, read from ``zimage_ui/assets/sizes.toml``.
 
     >>> table = load_sizes()
     >>> table.size("1024", "16:9")
