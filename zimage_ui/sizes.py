@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..paths import ASSETS_DIR
+from .paths import ASSETS_DIR
 
 SIZES_FILE = ASSETS_DIR / "sizes.toml"
 
