@@ -144,7 +144,7 @@ def _gib(n: int | float | None) -> float | None:
 def sweep_shapes(engine: Any) -> list[tuple[int, int]]:
     """Every size class the page offers at 1:1, the middle class at 16:9, and the largest square the limits
     allow."""
-    from .ui.sizes import load_sizes
+    from .sizes import load_sizes
 
     low, high = engine.presets().limits.side
     table = load_sizes()

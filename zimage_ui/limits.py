@@ -109,7 +109,7 @@ class DoorLimits:
 
 def kiosk_pixels(book: PresetBook, *, demo: bool) -> int:
     """The largest image a kiosk's size picker offers (width × height)."""
-    from .ui.sizes import load_sizes  # data only (assets/sizes.toml); imports no gradio
+    from .sizes import load_sizes
 
     sizes = load_sizes()
     classes = sizes.classes(demo=demo, max_side=book.limits.side[1])

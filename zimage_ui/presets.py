@@ -1,4 +1,4 @@
-"""Presets and limits, read from ``assets/presets.toml`` (or a user's file). One place for these numbers.
+"""Presets and limits, read from ``zimage_ui/assets/presets.toml`` (or a user's file). One place for these numbers.
 
     >>> book = load_presets()
     >>> book.presets["turbo"].steps, book.presets["turbo"].guidance
@@ -97,7 +97,7 @@ def _inside(inner: tuple, outer: tuple, where: str) -> None:
 
 
 def load_presets(path: str | Path | None = None, max_side: int | None = None) -> PresetBook:
-    """Read presets and limits from ``path`` (default: ``assets/presets.toml``), checking every number."""
+    """Read presets and limits from ``path`` (default: ``zimage_ui/assets/presets.toml``), checking every number."""
     path = Path(path) if path else PRESETS_FILE
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
     dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32. "
                                            "float16 is refused: Z-Image gives black images in fp16.")
-    presets_file: Path | None = Field(None, description="A presets TOML replacing assets/presets.toml.")
+    presets_file: Path | None = Field(None, description="A presets TOML replacing zimage_ui/assets/presets.toml.")
     max_side: int = Field(2048, ge=256, le=4096, description="Largest width or height a request may ask for.")
     warmup: bool = Field(True, description="Run one generation before declaring ready, so the first user "
                                            "request is as fast as the rest.")

@@ -25,7 +25,7 @@ NEAR_VALID_EXAMPLES = 100  # mostly run the pipeline
 
 
 def tiny_presets(text: str) -> str:
-    """assets/presets.toml with every step range 1–2 and batches of at most 2 (same shape, cheap to run)."""
+    """zimage_ui/assets/presets.toml with every step range 1–2 and batches of at most 2 (same shape, cheap to run)."""
     out = []
     for line in text.splitlines():
         key = line.split("=")[0].strip()

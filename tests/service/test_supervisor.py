@@ -22,10 +22,9 @@ import psutil
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
-from zimage_ui.paths import PROJECT_ROOT
-
 from .helpers import free_port, wait_ready, wait_until
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SHIPPED = PROJECT_ROOT / "supervisor"
 PY = shlex.quote(sys.executable)
 

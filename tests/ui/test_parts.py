@@ -7,9 +7,9 @@ import string
 
 from zimage_ui.memory.nvml import GpuStats
 from zimage_ui.presets import load_presets
+from zimage_ui.sizes import load_sizes
 from zimage_ui.ui.gpu import GpuHistory, render_gpu_panel
 from zimage_ui.ui.i18n import I18N_DIR, LANGUAGES, format_bytes, format_seconds, pick_language, t
-from zimage_ui.ui.sizes import load_sizes
 
 
 def test_every_language_has_every_key_with_the_same_placeholders():

@@ -343,7 +343,7 @@ class Engine:
         if self.model.device.type != "cuda":
             half = (max(low, preset.width // 2 // 16 * 16), max(low, preset.height // 2 // 16 * 16))
             return [(req(w, h, steps=min(2, preset.steps)), "kernels") for w, h in dict.fromkeys([default, half])]
-        from ..ui.sizes import load_sizes
+        from ..sizes import load_sizes
 
         table = load_sizes()
         sides = set()
@@ -547,6 +547,16 @@ class Engine:
     def memory_snapshot(self) -> Any:
         """The probe's reading now (cheap, no synchronize): what the VRAM bar and /api/v1/vram show."""
         return self.probe.snapshot()
+
+    def gpu_stats(self) -> Any:
+        """NVML's reading of the engine's GPU (``memory.nvml.GpuStats``: utilisation, memory, temperature, power),
+        or None without a GPU or NVML. The GPU the model is on; GPU 0 before a model is loaded or when it runs
+        on the CPU. The doors ask here; only the engine and memory talk to NVML."""
+        from ..memory import nvml
+
+        device = getattr(self.model, "device", None)
+        index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
+        return nvml.gpu_stats(index)
 
     def predict_working_bytes(self, request: RunRequest) -> int:
         from ..memory.estimator import WorkShape

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import ipaddress
 import json
 import logging
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 
 from ..limits import RateLimiter  # noqa: F401  (it lives in zimage_ui/limits.py, which the page shares)
 from ..settings import Settings, SettingsError
+from ..users import check_password, load_users, parse_users  # noqa: F401  (they live in zimage_ui/users.py, shared with the page)
 
 log = logging.getLogger(__name__)
 
@@ -36,48 +36,6 @@ MAX_REQUEST_BODY_BYTES = 128 * 1024
 
 
 # --- users ----------------------------------------------------------------------------------------------------
-def parse_users(text: str, *, where: str = "auth") -> dict[str, str]:
-    """``user:password`` lines (blank lines and ``#`` comments skipped); the password may contain ``:``."""
-    users: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, password = line.partition(":")
-        if not sep or not user.strip() or not password:
-            raise SettingsError(f"{where}: line {number} is not user:password")
-        users[user.strip()] = password
-    return users
-
-
-def load_users(settings: Settings) -> dict[str, str]:
-    """The users from ``--auth`` and ``--auth-file`` together; empty = no auth."""
-    users: dict[str, str] = {}
-    if settings.auth_file is not None:
-        path = Path(settings.auth_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SettingsError(f"auth_file: cannot read {path}: {exc.strerror or exc}") from None
-        users.update(parse_users(text, where=f"auth_file {path}"))
-        if not users:
-            raise SettingsError(f"auth_file: {path} lists no users")
-        if path.stat().st_mode & 0o077:
-            log.warning("auth_file %s is readable by other users; chmod 600 it", path)
-    if settings.auth:
-        users.update(parse_users(settings.auth, where="auth"))
-    return users
-
-
-def check_password(users: Mapping[str, str], user: str, password: str) -> bool:
-    """Constant-time check (no timing hint of which part was wrong)."""
-    expected = users.get(user)
-    ok_user = expected is not None
-    # compare against something even for an unknown user so timing does not reveal user names
-    ok_password = hmac.compare_digest((expected or "\0").encode(), password.encode())
-    return ok_user and ok_password
-
-
 def basic_user(header: str | None, users: Mapping[str, str]) -> str | None:
     """The user named by a valid ``Authorization: Basic ...`` header, else None."""
     if not header or not header[:6].lower() == "basic ":
@@ -90,14 +48,6 @@ def basic_user(header: str | None, users: Mapping[str, str]) -> str | None:
     if not sep:
         return None
     return user if check_password(users, user, password) else None
-
-
-def gradio_auth(settings: Settings) -> Callable[[str, str], bool] | None:
-    """What the UI passes as ``auth=`` to ``gr.mount_gradio_app``: the same users as the API, or None."""
-    users = load_users(settings)
-    if not users:
-        return None
-    return lambda user, password: check_password(users, user, password)
 
 
 # --- origins --------------------------------------------------------------------------------------------------

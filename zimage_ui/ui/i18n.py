@@ -1,4 +1,4 @@
-"""The page's words in English and Chinese, kept as data in ``assets/i18n/<lang>.json``.
+"""The page's words in English and Chinese, kept as data in ``zimage_ui/assets/i18n/<lang>.json``.
 
 Translation happens on the server, per browser session: the status line, the VRAM bar's legend and the clamp
 messages are built in Python, so one table serves both the static labels and the live text.

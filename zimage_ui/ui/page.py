@@ -30,10 +30,10 @@ from ..engine.jobs import ClientBusy, EngineError, Job, JobState, MemoryRefused,
 from ..limits import Client, DoorLimits
 from ..models.shapes_world import EXAMPLE_PROMPTS
 from ..paths import ASSETS_DIR
+from ..sizes import SizeTable, load_sizes
 from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
 from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, strings, t
-from .sizes import SizeTable, load_sizes
 from .vram import render_vram_bar
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,7 @@ class Page:
 
     # --- facts from the engine ------------------------------------------------------------------------------------
     def _read_gpu(self) -> Any:
-        from ..memory import nvml
-
-        model = getattr(self.engine, "model", None)
-        device = getattr(model, "device", None)
-        index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
-        return nvml.gpu_stats(index)
+        return self.engine.gpu_stats()
 
     def _knows_shapes(self) -> bool:
         """Whether the loaded model is the trained demo model (it draws the shapes world's prompts)."""
@@ -767,7 +762,7 @@ def build_page(engine: Any, settings: Any, limits: DoorLimits | None = None) -> 
 
 def mount_page(app: Any, engine: Any, settings: Any, path: str = "/", limits: DoorLimits | None = None) -> None:
     """Serve the page on a FastAPI app: our CSS, no links out of a kiosk, outputs readable by the gallery."""
-    from ..service.security import gradio_auth
+    from ..users import gradio_auth
 
     demo = build_page(engine, settings, limits)
     kiosk = bool(getattr(settings, "kiosk", False))

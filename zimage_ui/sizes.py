@@ -1,4 +1,4 @@
-"""The size picker's table: aspect ratios × size classes, read from ``assets/sizes.toml``.
+"""The size picker's table: aspect ratios × size classes, read from ``zimage_ui/assets/sizes.toml``.
 
     >>> table = load_sizes()
     >>> table.size("1024", "16:9")
@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..paths import ASSETS_DIR
+from .paths import ASSETS_DIR
 
 SIZES_FILE = ASSETS_DIR / "sizes.toml"
 
