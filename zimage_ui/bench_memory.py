@@ -188,9 +188,9 @@ def run_cohost(settings: Any, options: Any, cohost_gib: float) -> dict[str, Any]
                 report["first_after_release"] = _first_after_release(engine, bench_prompt)
                 _progress(report, options, "first request after release")
             watch.reset()
-            smi_before = watch.smi_peak_mib = 0
+            watch.smi_peak_mib = 0  # the sweep's own nvidia-smi peak from here
             report["sweep"] = _http_sweep(engine, options, cohost_gib, bench_prompt, watch)
-            report["sweep"]["nvidia_smi_peak_mib"] = max(smi_before, watch.smi_peak_mib)
+            report["sweep"]["nvidia_smi_peak_mib"] = watch.smi_peak_mib
             _progress(report, options, "sweep")
             report["fallback"] = _fallback(engine, bench_prompt) if budget_set else {"skipped": "no budget"}
             report["oom_events"] = dict(engine.oom_events)

@@ -26,9 +26,7 @@ class RunOutput:
     images: list[Any]
     seeds: list[int]
     timings: dict[str, float]
-    retried_tiled: bool = False  # kept for callers: True when any out-of-memory was recovered
-    recovered: list[str] = field(default_factory=list)  # what each recovery did, for the job's notes
-    decode: str = ""  # how the VAE decoded (DecodePlan.describe())
+    recovered: list[str] = field(default_factory=list)  # what each out-of-memory recovery did, for the job's notes
 
 
 class RunMemory:
@@ -49,7 +47,9 @@ class RunMemory:
         """An out-of-memory error in ``phase`` ("denoise" or "decode") that needed at least ``need_at_least``."""
 
     def free(self) -> None:
-        """Give cached memory back before a retry."""
+        """Give cached memory back before the denoise runs again."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def decode_plan(self, request: RunRequest, available: int | None, after: Any) -> Any:
         """The next, smaller decode plan after ``after`` failed (``memory.estimator.plan_decode``), or None."""
@@ -146,39 +146,25 @@ class PipelineRunner:
         """
         recovered: list[str] = []
         for attempt in (1, 2):
-            try:
-                latents, timings = self._denoise(job, attempt=attempt)
+            denoised, failed = _attempt(self._denoise, job, attempt)
+            if failed is None:
+                latents, timings = denoised
                 break
-            except JobCancelled:
-                raise
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                failed = tried_bytes(exc)
-            # out here the failed run's tensors, held by the error's traceback, are free: empty_cache can give
-            # them back before the second try
+            # the failed run's tensors went with the error's traceback: the cache can hand them back now
             self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + failed)
-            self.free_memory()
+            self.memory.free()
             if attempt == 2:
                 raise JobFailed(f"out of memory at {job.request.width}x{job.request.height} batch "
                                 f"{job.request.batch} in the denoise, twice; try a smaller size or batch", kind="oom")
             log.warning("out of memory in the denoise of %s; freed the cache, running it again", job.id)
             recovered.append("ran out of memory in the denoise once; ran again after freeing the cache")
         t_decode = time.perf_counter()
-        images, plan = self._decode_all(job, latents, decode_batch, recovered)
+        images = self._decode_all(job, latents, decode_batch, recovered)
         t_end = time.perf_counter()
         timings["decode_s"] = t_end - t_decode + timings.pop("_to_decode_s")
         timings["total_s"] = t_end - timings.pop("_t0")
         self.ooms_recovered += bool(recovered)
-        return RunOutput(images=images, seeds=job.request.seeds(), timings=timings, retried_tiled=bool(recovered),
-                         recovered=recovered, decode=plan.describe())
-
-    def free_memory(self) -> None:
-        """Before the denoise runs again: hand the cache back, so a co-host that just freed memory or a
-        fragmented cache gets a clean start."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.memory.free()
+        return RunOutput(images=images, seeds=job.request.seeds(), timings=timings, recovered=recovered)
 
     def _denoise(self, job: Job, attempt: int) -> tuple[torch.Tensor, dict[str, float]]:
         req = job.request
@@ -223,7 +209,7 @@ class PipelineRunner:
         return latents, timings
 
     def _decode_all(self, job: Job, latents: torch.Tensor, decode_batch: int | None,
-                    recovered: list[str]) -> tuple[list[Any], Any]:
+                    recovered: list[str]) -> list[Any]:
         from ..memory.estimator import DecodePlan
 
         req = job.request
@@ -232,22 +218,13 @@ class PipelineRunner:
         images: list[Any] = []
         self.memory.reset_peak()
         while len(images) < len(latents):
-            failed: int | None = None
-            try:
-                chunk = latents[len(images):len(images) + plan.chunk]
-                if self.decode_fault_hook is not None:
-                    self.decode_fault_hook(req, plan)
-                images.extend(self._decode(chunk, plan.tile))
-            except JobCancelled:
-                raise
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                failed = tried_bytes(exc)
-            if failed is not None:
-                # Out here the error's traceback, and the half-decoded tensors its frames held, are gone: their
-                # memory is back in the allocator's cache, where the smaller decode re-uses it at once. No
-                # gc.collect() or empty_cache() here: they cost more than the decode (docs/benchmarks.md).
+            decoded, failed = _attempt(self._decode_chunk, req, latents[len(images):len(images) + plan.chunk], plan)
+            if failed is None:
+                images.extend(decoded)
+            else:
+                # the half-decoded tensors went with the error's traceback, back into the allocator's cache, where
+                # the smaller decode re-uses them at once. No gc.collect() or empty_cache() here: they cost more
+                # than the decode (docs/benchmarks.md).
                 self.memory.out_of_memory(req, "decode", self.memory.peak_working() + failed)
                 nxt = self.memory.decode_plan(req, self.memory.available(), plan)
                 if nxt is None:
@@ -259,7 +236,12 @@ class PipelineRunner:
                 self.memory.reset_peak()
         if plan != first:
             recovered.append(f"ran out of memory in the VAE decode; finished with {plan.describe()}")
-        return images, plan
+        return images
+
+    def _decode_chunk(self, request: RunRequest, latents: torch.Tensor, plan: Any) -> list[Any]:
+        if self.decode_fault_hook is not None:
+            self.decode_fault_hook(request, plan)
+        return self._decode(latents, plan.tile)
 
     def _decode(self, latents: torch.Tensor, tile: int | None) -> list[Any]:
         """Decode latents as ``ZImagePipeline`` does (same arithmetic, same pixels), optionally tiled."""
@@ -278,6 +260,19 @@ class PipelineRunner:
             return to_pil(image)
         finally:
             vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, int | None]:
+    """``(fn(*args), None)``, or ``(None, bytes the failed allocation asked for)`` when ``fn`` runs out of memory.
+    Returning from here drops the error and its traceback, and with them the failed run's tensors."""
+    try:
+        return fn(*args), None
+    except JobCancelled:
+        raise
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        return None, tried_bytes(exc)
 
 
 def tried_bytes(exc: BaseException) -> int:

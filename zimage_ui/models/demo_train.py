@@ -159,9 +159,29 @@ class _StepBudget:
     selection), then the count becomes what fits in ``seconds`` (never more than asked; 0 seconds = no limit)."""
 
     def __init__(self, asked: int, seconds: float, device, log: dict, key: str):
-        self.total, self.seconds, self.device, self.log, self.key = asked, seconds, device, log, key
+        self.asked = self.total = asked
+        self.seconds, self.device, self.log, self.key = seconds, device, log, key
         self.start = time.perf_counter()
         self.mark = 0.0
+        self.losses: list[float] = []
+
+    def step_done(self, done: int, loss, print_every: int) -> None:
+        """After each step: record the loss (read every 5th step: a read syncs the GPU), fix the step count,
+        print progress."""
+        self.losses.append(float(loss.detach()) if (done - 1) % 5 == 0 else self.losses[-1])
+        self.after(done)
+        if done % print_every == 0:
+            print(f"[train-demo] {self.key} step {done}/{self.total} loss {self.losses[-1]:.4f} "
+                  f"{time.perf_counter() - self.start:.0f} s", flush=True)
+
+    def finish(self, done: int, log_every: int) -> None:
+        """Write the phase's steps, seconds and loss curve into the log."""
+        _sync(self.device)
+        tail = self.losses[-50:]
+        self.log.update({f"{self.key}_steps": done, f"{self.key}_asked": self.asked,
+                         f"{self.key}_seconds": time.perf_counter() - self.start,
+                         f"{self.key}_loss_curve": _curve(self.losses, log_every),
+                         f"{self.key}_final_loss": sum(tail) / len(tail)})
 
     def after(self, done: int) -> None:
         """Call after each step with the number of steps done."""
@@ -213,7 +233,7 @@ def train_vae(vae, images, cfg: TrainConfig, device, budget_s: float, log: dict)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     n = images.shape[0]
-    budget, losses, t0 = _StepBudget(cfg.vae_steps, budget_s, device, log, "vae"), [], time.perf_counter()
+    budget = _StepBudget(cfg.vae_steps, budget_s, device, log, "vae")
     step = 0
     while step < budget.total:
         for g in opt.param_groups:
@@ -230,16 +250,10 @@ def train_vae(vae, images, cfg: TrainConfig, device, budget_s: float, log: dict)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss.detach()) if step % 5 == 0 else losses[-1])
         step += 1
-        budget.after(step)
-        if step % cfg.print_every == 0:
-            print(f"[train-demo] vae step {step}/{budget.total} loss {losses[-1]:.4f} "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
-    _sync(device)
+        budget.step_done(step, loss, cfg.print_every)
+    budget.finish(step, cfg.log_every)
     vae.eval().requires_grad_(False)
-    log.update(vae_steps=step, vae_asked=cfg.vae_steps, vae_seconds=time.perf_counter() - t0,
-               vae_loss_curve=_curve(losses, cfg.log_every), vae_final_loss=sum(losses[-50:]) / len(losses[-50:]))
 
 
 def encode_latents(vae, images, device, batch: int = 256):
@@ -283,7 +297,7 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
     shift = float(pipe.scheduler.config.shift)
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)
     n = latents.shape[0]
-    budget, losses, t0 = _StepBudget(cfg.dit_steps, budget_s, device, log, "dit"), [], time.perf_counter()
+    budget = _StepBudget(cfg.dit_steps, budget_s, device, log, "dit")
     step = 0
     while step < budget.total:
         for g in opt.param_groups:
@@ -314,17 +328,11 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         with torch.no_grad():
             for ema, live in ((ema_tr, tr), (ema_te, te)):
                 torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
-        losses.append(float(loss.detach()) if step % 5 == 0 else losses[-1])
         step += 1
-        budget.after(step)
-        if step % cfg.print_every == 0:
-            print(f"[train-demo] dit step {step}/{budget.total} loss {losses[-1]:.4f} "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
-    _sync(device)
+        budget.step_done(step, loss, cfg.print_every)
+    budget.finish(step, cfg.log_every)
     tr.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
-    log.update(dit_steps=step, dit_asked=cfg.dit_steps, dit_seconds=time.perf_counter() - t0,
-               dit_loss_curve=_curve(losses, cfg.log_every), dit_final_loss=sum(losses[-50:]) / len(losses[-50:]))
     return ema_tr, ema_te
 
 
