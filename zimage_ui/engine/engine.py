@@ -25,6 +25,7 @@ from ..metadata import save_png
 from ..presets import PresetBook, load_presets
 from ..settings import Settings
 from ..validation import GenerationRequest, RunRequest, Validated, validate
+from .api import QueueInfo
 from .eta import StepTimer
 from .jobs import EngineError, Job, JobFailed, JobResult, JobStatus, MemoryRefused, NotReady
 from .runner import PipelineRunner, PromptCache
@@ -642,6 +643,15 @@ class Engine:
 
     def cancel_owner(self, owner: str) -> int:
         return self.worker.cancel_owner(owner) if self.worker else 0
+
+    def queue_info(self) -> QueueInfo:
+        """The queue's depth, the running job and the worker's last heartbeat (``/api/v1/info``, the watchdog)."""
+        worker = self.worker
+        if worker is None:
+            return QueueInfo(depth=0, running_job=None, last_heartbeat=time.monotonic())
+        running = worker.running
+        return QueueInfo(depth=worker.depth, running_job=running if running is not None and not running.done else None,
+                         last_heartbeat=worker.last_heartbeat)
 
     def add_result_hook(self, hook: Callable[[Job, JobResult], None]) -> None:
         """Call ``hook(job, result)`` on the worker thread after each finished job (history, metrics)."""
