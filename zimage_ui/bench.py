@@ -216,7 +216,7 @@ def _sweep(engine: Any, options: BenchOptions, steps: int) -> dict[str, Any]:
             try:
                 seconds, result = _timed_generate(engine, raw)
             except MemoryRefused as exc:
-                row.update(admission="over", refused=exc.admission.message)
+                row.update(admission="over", refused=str(exc.admission.message))
             except JobFailed as exc:
                 row.update(admission="admitted", oom=exc.kind == "oom", error=str(exc))
             else:
@@ -527,7 +527,7 @@ def _programme(engine: Any, options: BenchOptions, wall_ready: float) -> dict[st
     during = None if options.quick else _sample_during(engine, {**base, "prompt": bench_prompt(200), "seed": 7})
     report["vram_bar"] = _vram_bar(engine, during)
     if first.notes:
-        report["first_request"]["notes"] = first.notes
+        report["first_request"]["notes"] = [str(n) for n in first.notes]
     _progress(report, options, "memory and VRAM bar")
     # 6. optional parts
     if options.components and engine.model.device.type == "cuda":

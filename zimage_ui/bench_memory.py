@@ -382,8 +382,9 @@ def _fallback(engine: Any, prompt: Any) -> dict[str, Any]:
         est.learned = {**saved_learned, **learned}
         if engine.estimator_path is not None:  # what the fooled estimator saved must not outlive this test
             est.save(engine.estimator_path)
-    out.update(notes=result.notes, decode_s=round(result.timings["decode_s"], 4), total_s=round(seconds, 3),
-               normal_decode_s=round(sum(normal), 4), ran_out_of_memory=any("out of memory" in n for n in result.notes))
+    notes = [str(n) for n in result.notes]
+    out.update(notes=notes, decode_s=round(result.timings["decode_s"], 4), total_s=round(seconds, 3),
+               normal_decode_s=round(sum(normal), 4), ran_out_of_memory=any("out of memory" in n for n in notes))
     out["ratio"] = round(result.timings["decode_s"] / sum(normal), 3) if out["ran_out_of_memory"] else None
     out["learned_gib"] = _gib(est.learned.get(shape, (None,))[0])
     out["admission_after"] = engine.admit(engine.validate(raw).request).to_dict()

@@ -188,6 +188,19 @@ def test_garbage_gets_422_naming_the_field(http, body, field):
     r = http.post("/api/v1/generate", json=body)
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field and field in r.json()["message"]
+    error = r.json()["errors"][0]  # the message as data too: a code from the catalogue and its figures
+    assert error["code"].startswith("error.") and isinstance(error["values"], dict) and error["message"]
+
+
+def test_changes_carry_codes_beside_the_english(http):
+    r = http.post("/api/v1/generate", json={"prompt": "x", "seed": 3, **SMALL, "steps": 999},
+                  headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    steps = next(c for c in r.json()["changes"] if c["field"] == "steps")
+    assert steps["code"] == "preset_range" and steps["values"]["low"] == 1 and steps["after"] == steps["values"]["high"]
+    assert steps["reason"] == f"turbo allows 1–{steps['after']}" and steps["before"] == 999
+    assert r.json()["clamped"] == [f"steps 999 → {steps['after']} (turbo allows 1–{steps['after']})"]
+    assert isinstance(r.json()["note_codes"], list) and len(r.json()["note_codes"]) == len(r.json()["notes"])
 
 
 @pytest.mark.parametrize("raw", [b"", b"not json", b'{"prompt": "x"', b"\xff\xfe", b"[" * 10_000,
@@ -239,6 +252,7 @@ def test_predicted_not_to_fit_is_409_with_the_need(http, server, monkeypatch):
     body = r.json()
     assert body["error"] == "insufficient_memory" and body["need_bytes"] == need_huge
     assert 0 < body["available_bytes"] < need_huge and "too large" in body["message"]
+    assert body["message_code"].startswith("admission.over") and body["message_values"]["need_bytes"] == need_huge
     assert http.get("/api/v1/vram").json()["total_bytes"] == total
     assert http.post("/api/v1/generate", json=small).status_code == 200
     assert metric(http, 'zimage_rejections_total{reason="memory"}') >= 1

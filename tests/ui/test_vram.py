@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from zimage_ui.memory.estimator import WorkingMemoryEstimator, WorkShape, admit, admit_shape
+from zimage_ui.memory.admission import admit, admit_shape
+from zimage_ui.memory.estimator import WorkingMemoryEstimator, WorkShape
 from zimage_ui.memory.probe import MemoryProbe, MemorySnapshot, RawMemory
 from zimage_ui.ui.vram import bar_view, render_vram_bar
 

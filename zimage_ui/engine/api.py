@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the types only; importing this module loads no torch
-    from ..memory.estimator import Admission
+    from ..memory.admission import Admission
     from ..memory.nvml import GpuStats
     from ..memory.probe import MemorySnapshot
+    from ..messages import Message
     from ..presets import PresetBook
     from ..validation import GenerationRequest, RunRequest, Validated
     from .jobs import EngineError, Job, JobResult, JobStatus
@@ -64,7 +65,7 @@ class EngineAPI(Protocol):
 
     def validate(self, raw: GenerationRequest | Mapping[str, Any]) -> Validated: ...
 
-    def notes_for(self, request: RunRequest) -> list[str]: ...
+    def notes_for(self, request: RunRequest) -> list[Message]: ...
 
     def submit(self, raw: GenerationRequest | Mapping[str, Any] | Validated, *, owner: str | None = None) -> Job: ...
 

@@ -43,6 +43,7 @@ from starlette.routing import Match
 from .. import __version__
 from ..engine.jobs import ClientBusy, Job, JobFailed, JobResult, JobState, MemoryRefused, NotReady, QueueFull
 from ..limits import Client, DoorLimits
+from ..messages import Count, Message
 from ..metadata import encode_png, png_info
 from ..settings import Settings
 from ..validation import Change, RequestError
@@ -116,6 +117,10 @@ class ErrorBody(BaseModel):
     error: str = Field(..., description="A short code: invalid_request, body_too_large, queue_full, ...")
     message: str = Field(..., description="What is wrong, in one line; names the field when one is to blame.")
     field: str | None = Field(None, description="The request field to blame (422, 413).")
+    message_code: str | None = Field(None, description="The message's code in the catalogue (refusal.queue_full, "
+                                     "admission.over, ...), with its figures in `message_values`, for a client "
+                                     "that says it in another language.")
+    message_values: dict[str, Any] | None = Field(None, description="The figures the message is made of.")
 
 
 def _err(description: str) -> dict[str, Any]:
@@ -164,19 +169,25 @@ def without_paths(text: str) -> str:
     return _ABSOLUTE_PATH.sub(lambda m: "…/" + re.split(r"[/\\]", m.group(0))[-1], text)
 
 
-def _error(status: int, code: str, message: str, *, retry_after: float | None = None,
+def _error(status: int, code: str, message: Message | str, *, retry_after: float | None = None,
            **extra: Any) -> JSONResponse:
+    """An error answer: the code, the message in English and, for a typed message, its code and figures."""
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": code, "message": without_paths(message), **extra}, status_code=status,
+    if isinstance(message, Message):
+        typed = message.to_dict()
+        extra = {"message_code": typed["code"], "message_values": typed["values"], **extra}
+    return JSONResponse({"error": code, "message": without_paths(str(message)), **extra}, status_code=status,
                         headers=headers)
 
 
-def _invalid(errors: list[tuple[str, str]]) -> JSONResponse:
+def _invalid(errors: list[tuple[str, Message | str]]) -> JSONResponse:
     errors = [(f or '""', m) for f, m in errors]  # an empty key is still a field the client sent
     field = errors[0][0] if errors else "body"
     message = "; ".join(f"{f}: {m}" for f, m in errors) or "invalid request"
     return _error(422, "invalid_request", message, field=field,
-                  errors=[{"field": f, "message": m} for f, m in errors])
+                  errors=[{"field": f, "message": str(m)}
+                          | ({"code": m.code, "values": m.to_dict()["values"]} if isinstance(m, Message) else {})
+                          for f, m in errors])
 
 
 def header_text(text: str) -> str:
@@ -195,7 +206,7 @@ def header_text(text: str) -> str:
 
 def is_seed_draw(change: Change) -> bool:
     """A drawn random seed is reported (X-Zimage-Seed), but it is not a clamp."""
-    return change.field == "seed" and change.before in ("random", -1)
+    return change.is_seed_draw
 
 
 def client_address(request: Request) -> str:
@@ -216,7 +227,7 @@ async def _read_json(request: Request) -> Any:
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
-        raise _BodyError(_invalid([("body", "expected a JSON object with at least a prompt")]))
+        raise _BodyError(_invalid([("body", Message("error.empty_body"))]))
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError, bad UTF-8, huge ints
@@ -405,12 +416,12 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
             ready, status, reason = state.readiness(engine)
             return _error(503, "not_ready", f"not ready: {reason}", retry_after=NOT_READY_RETRY_S, status=status)
         except QueueFull as exc:
-            return _error(503, "queue_full", str(exc), retry_after=exc.retry_after_s, depth=exc.depth)
+            return _error(503, "queue_full", exc.message or str(exc), retry_after=exc.retry_after_s, depth=exc.depth)
         except ClientBusy as exc:
-            return _error(429, "client_busy", str(exc), retry_after=NOT_READY_RETRY_S)
+            return _error(429, "client_busy", exc.message or str(exc), retry_after=NOT_READY_RETRY_S)
         except MemoryRefused as exc:
             adm = exc.admission
-            return _error(409, "insufficient_memory", str(exc), need_bytes=int(adm.need_bytes),
+            return _error(409, "insufficient_memory", adm.message, need_bytes=int(adm.need_bytes),
                           available_bytes=int(adm.available_bytes),
                           other_processes_bytes=getattr(adm, "other_processes_bytes", None))
         except RequestError as exc:  # defensive: submit re-validates only raw input, but never 500 on bad input
@@ -470,9 +481,9 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
             for entry, png in zip(images, pngs, strict=True):
                 entry["png_base64"] = base64.b64encode(png).decode("ascii")
             body = {"images": images, "request": result.request.to_dict(), "clamped": clamps,
-                    "changes": [{"field": c.field, "before": _jsonable(c.before), "after": _jsonable(c.after),
-                                 "reason": c.reason} for c in result.changes],
-                    "notes": result.notes, "timings": result.timings,
+                    "changes": [_change_json(c) for c in result.changes],
+                    "notes": [str(n) for n in result.notes],
+                    "note_codes": [n.to_dict() for n in result.notes], "timings": result.timings,
                     "model": {"id": result.model_id, "label": result.model_label},
                     "peak_working_bytes": result.peak_working_bytes, "job_id": job.id, "history_id": history_id}
             return JSONResponse(body, headers=headers)
@@ -624,6 +635,16 @@ def _document_security(app: FastAPI, basic: bool) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _change_json(change: Change) -> dict[str, Any]:
+    """A change as the API reports it: today's English fields (``before``/``after`` with their unit, ``reason``)
+    and the typed ones (``code``, ``values``)."""
+    unit = change.values.get("unit")
+    before, after = ((str(Count(change.before, unit)), str(Count(change.after, unit))) if unit
+                     else (_jsonable(change.before), _jsonable(change.after)))
+    return {"field": change.field, "before": before, "after": after, "reason": change.reason, "code": change.code,
+            "values": change.reason_message.to_dict()["values"]}
 
 
 def _jsonable(value: Any) -> Any:

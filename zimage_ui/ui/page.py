@@ -28,12 +28,13 @@ import gradio as gr
 
 from ..engine.jobs import ClientBusy, EngineError, Job, JobState, MemoryRefused, NotReady, QueueFull
 from ..limits import Client, DoorLimits
+from ..messages import word
 from ..models.shapes_world import EXAMPLE_PROMPTS
 from ..paths import ASSETS_DIR
 from ..sizes import SizeTable, load_sizes
 from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
-from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, strings, t
+from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, render, strings, t
 from .vram import render_vram_bar
 
 log = logging.getLogger(__name__)
@@ -192,9 +193,9 @@ class Page:
         """Markdown listing what the validator changes (seed draws aside) and how the preset will run."""
         if validated is None:
             return ""
-        lines = [str(c) for c in validated.changes if c.field != "seed" or c.reason != "random seed"]
+        lines = [render(c.message, lang) for c in validated.changes if not c.is_seed_draw]
         if self.engine.ready:
-            lines += self.engine.notes_for(validated.request)
+            lines += [render(note, lang) for note in self.engine.notes_for(validated.request)]
         if not lines:
             return ""
         title = t(lang, "clamped_title" if applied else "clamp_preview_title")
@@ -307,7 +308,15 @@ class Page:
     def idle_status(self, lang: str) -> str:
         if self.engine.ready:
             return t(lang, "status_idle")
-        return t(lang, "status_not_ready", reason=self.engine.reason)
+        return t(lang, "status_not_ready", reason=self.reason_text(lang))
+
+    def reason_text(self, lang: str) -> str:
+        """Why the engine is not ready, in ``lang``: its state in words (loading, warming up, …), or the failure's
+        own text."""
+        state = getattr(self.engine.state, "value", str(self.engine.state))
+        if state in ("new", "loading", "warming", "stopped"):
+            return word(lang, state)
+        return self.engine.reason
 
     def title_html(self, lang: str) -> str:
         """Title, subtitle and the model line (model, device, dtype; or why it is not ready)."""
@@ -318,7 +327,7 @@ class Page:
         elif getattr(self.engine.state, "value", "") == "failed":
             model = t(lang, "model_failed", reason=self.engine.reason)
         else:
-            model = t(lang, "model_loading", reason=self.engine.reason)
+            model = t(lang, "model_loading", reason=self.reason_text(lang))
         import html as _html
 
         return (f'<div><h1>{_html.escape(t(lang, "title"))}</h1>'
@@ -391,9 +400,9 @@ class Page:
         try:
             validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
         except RequestError as exc:
-            raise gr.Error(t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors))) from None
+            raise gr.Error(t(lang, "invalid", errors=exc.render(lang))) from None
         except Exception as exc:  # not ready yet: the tokenizer-less validator can't be reached
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(self.refusal_text(exc, lang)) from None
         r = validated.request
         out: dict[Any, Any] = {w.notice: notice_update(self.notice(validated, lang, applied=True)), w.steps: r.steps,
                                w.guidance: r.guidance, w.width: r.width, w.height: r.height, w.batch: r.batch,
@@ -401,6 +410,12 @@ class Page:
         if not values.get(w.random_seed):
             out[w.seed] = r.seed
         return out
+
+    def refusal_text(self, exc: BaseException, lang: str) -> str:
+        """An engine refusal in ``lang``: not ready (with the state in words), or the refusal's own message."""
+        if isinstance(exc, NotReady) or not isinstance(exc, EngineError):
+            return t(lang, "status_not_ready", reason=self.reason_text(lang))
+        return render(exc.message, lang) if exc.message is not None else str(exc)
 
     def on_generate(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         """Submit to the engine as this session and stream its queue position, steps, then the images."""
@@ -412,9 +427,9 @@ class Page:
         try:
             validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
         except RequestError as exc:
-            yield from refuse(w, t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors)))
+            yield from refuse(w, t(lang, "invalid", errors=exc.render(lang)))
         except EngineError as exc:
-            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
+            yield from refuse(w, self.refusal_text(exc, lang))
         first: dict[Any, Any] = {w.status: t(lang, "status_submitting"), w.last_active: time.monotonic()}
         note = self.notice(validated, lang, applied=True)
         if note:
@@ -428,9 +443,9 @@ class Page:
         except QueueFull as exc:
             yield from refuse(w, t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}"))
         except MemoryRefused as exc:
-            yield from refuse(w, t(lang, "memory_refused", message=exc.admission.message))
-        except (NotReady, EngineError) as exc:
-            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
+            yield from refuse(w, t(lang, "memory_refused", message=render(exc.admission.message, lang)))
+        except EngineError as exc:
+            yield from refuse(w, self.refusal_text(exc, lang))
         changed = threading.Event()
         job.on_change(lambda _job: changed.set())
         self._track(session, job)
@@ -501,7 +516,9 @@ class Page:
             return out
         if job.state != JobState.DONE or job.result is None:
             kind = getattr(job.error, "kind", "error")
-            out[w.status] = t(lang, "status_oom" if kind == "oom" else "status_failed", error=str(job.error))
+            error = job.error
+            said = render(error.message, lang) if isinstance(error, EngineError) and error.message else str(error)
+            out[w.status] = t(lang, "status_oom" if kind == "oom" else "status_failed", error=said)
             return out
         result = job.result
         r = result.request
