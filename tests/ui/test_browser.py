@@ -240,8 +240,8 @@ def test_the_chinese_page_says_clamps_admission_and_validation_in_chinese(open_p
     # a validation error: an empty prompt is refused before the queue, with the field and the reason in Chinese
     page.fill("#prompt textarea", "")
     page.click("#generate-btn")
-    toast = page.wait_for_selector("text=请修正", timeout=10_000)
-    error = toast.inner_text()
+    page.wait_for_selector("#status:has-text('请修正')", timeout=10_000)
+    error = page.inner_text("#status")
     assert "提示词：不能为空" in error and not english_in(error), error
 
     # the memory verdict: 2 GiB in all, 1 GiB in use, 1536² × 4 won't fit (the estimator's own figures)

@@ -391,18 +391,31 @@ class Page:
         }
 
     # --- handlers: generate, cancel, unload -----------------------------------------------------------------------
+    def _checked(self, values: dict[Any, Any], lang: str) -> Validated | str:
+        """The request as it will run, or why it can't run, in ``lang``."""
+        try:
+            return self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
+        except RequestError as exc:
+            return t(lang, "invalid", errors=exc.render(lang))
+        except Exception as exc:  # not ready yet: the tokenizer-less validator can't be reached
+            return self.refusal_text(exc, lang)
+
+    def on_check_failed(self, values: dict[Any, Any]) -> dict[Any, Any]:
+        """The check refused the request: say why on the status line (the browser shows no toast for an error of
+        an unqueued event)."""
+        checked = self._checked(values, values.get(self.w.lang) or "en")
+        return {self.w.status: checked} if isinstance(checked, str) else {}
+
     def on_check(self, values: dict[Any, Any]) -> dict[Any, Any]:
         """Before queueing (``queue=False``): validate, write the clamped values back, say what changed.
 
-        A request that can't run at all stops here with an error toast, so it never enters a queue.
+        A request that can't run at all stops here with an error (for gradio_client, an exception; on the page,
+        :meth:`on_check_failed` then puts it on the status line), so it never enters a queue.
         """
         w, lang = self.w, values.get(self.w.lang) or "en"
-        try:
-            validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
-        except RequestError as exc:
-            raise gr.Error(t(lang, "invalid", errors=exc.render(lang))) from None
-        except Exception as exc:  # not ready yet: the tokenizer-less validator can't be reached
-            raise gr.Error(self.refusal_text(exc, lang)) from None
+        validated = self._checked(values, lang)
+        if isinstance(validated, str):
+            raise gr.Error(validated)
         r = validated.request
         out: dict[Any, Any] = {w.notice: notice_update(self.notice(validated, lang, applied=True)), w.steps: r.steps,
                                w.guidance: r.guidance, w.width: r.width, w.height: r.height, w.batch: r.batch,
@@ -722,6 +735,8 @@ class Page:
             check = trigger(self.api_check, inputs, check_out, queue=False, show_progress="hidden", **visibility)
             visibility = {"api_name": names[1]} if names[1] else {"api_visibility": "private"}
             check.success(self.api_generate, inputs + [w.gallery_state], generate_out, **queued, **visibility)
+            check.failure(self.on_check_failed, set(inputs), [w.status], queue=False, show_progress="hidden",
+                          api_visibility="private")
         w.cancel.click(self.api_cancel, [w.lang], [w.status], queue=False, api_name="cancel")
         demo.unload(self.on_unload)
 
