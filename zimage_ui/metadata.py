@@ -11,6 +11,7 @@ Every image carries an A1111-style ``parameters`` text chunk (read by A1111, For
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -28,6 +29,13 @@ _VERSIONED = ("zimage-ui", "torch", "diffusers", "transformers")
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of the packages that made an image (read once per process: every PNG asks, and each look-up
+    scans the installed distributions)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     out = {}
     for name in _VERSIONED:
         try:
@@ -67,7 +75,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_DEFLATE_LEVEL = 3  # ISA-L's best; still ~12x faster than PIL's zlib at level 4 (scripts/bench-png.py)
 
 
-def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo) -> bytes:
+def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo, level: int = PNG_DEFLATE_LEVEL) -> bytes:
     """The PNG bytes of ``image`` with ``info`` (the REST API answers these without touching disk).
 
     PIL's encoder spends ~0.25 s on a 1024² image in zlib — a quarter of a whole Turbo generation on an H100
@@ -103,7 +111,7 @@ def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo) -> bytes:
     for cid, data, after_idat in chunks:
         if not after_idat:
             PngImagePlugin.putchunk(buf, cid, data)
-    PngImagePlugin.putchunk(buf, b"IDAT", isal_zlib.compress(filtered.data, PNG_DEFLATE_LEVEL))
+    PngImagePlugin.putchunk(buf, b"IDAT", isal_zlib.compress(filtered.data, level))
     for cid, data, after_idat in chunks:
         if after_idat:
             PngImagePlugin.putchunk(buf, cid, data)

@@ -70,6 +70,10 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
 
+    def contains(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._items
+
     def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._items:
@@ -88,6 +92,22 @@ class PromptCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+def encode_prompt(pipe: Any, text: str, device: torch.device, max_sequence_length: int = 512) -> list[torch.Tensor]:
+    """``ZImagePipeline._encode_prompt`` for one prompt, without the key/value cache the text encoder would fill
+    for nothing (36 layers × 512 tokens): the same chat template, padding to ``max_sequence_length``, the
+    second-to-last hidden state, the padding dropped. Same numbers as the pipeline's (``tests/engine``)."""
+    templated = pipe.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True, enable_thinking=True)
+    inputs = pipe.tokenizer([templated], padding="max_length", max_length=max_sequence_length, truncation=True,
+                            return_tensors="pt")
+    ids = inputs.input_ids.to(device)
+    mask = inputs.attention_mask.to(device).bool()
+    with torch.no_grad():
+        hidden = pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                   use_cache=False).hidden_states[-2]
+    return [hidden[0][mask[0]]]
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:
@@ -120,15 +140,22 @@ class PipelineRunner:
         self.memory = memory if memory is not None else RunMemory()
         self.ooms_recovered = 0
         self.denoise_peak = 0
+        # called once per job after its first denoise step (the engine encodes the next queued job's prompt there)
+        self.after_first_step: Callable[[], None] | None = None
 
     # --- prompt -----------------------------------------------------------------------------------------------
     def _embed(self, text: str) -> list[torch.Tensor]:
-        def compute() -> list[torch.Tensor]:
-            with torch.no_grad():
-                # _encode_prompt rewrites the list it is given (chat template), so hand it a fresh one
-                return self.pipe._encode_prompt(prompt=[text], device=self.device)
+        return self.prompt_cache.get((self.model_key, text), lambda: encode_prompt(self.pipe, text, self.device))
 
-        return self.prompt_cache.get((self.model_key, text), compute)
+    def prime(self, request: RunRequest) -> bool:
+        """Encode ``request``'s prompt(s) into the prompt cache now (the worker calls this for the next queued job
+        during a running job's denoise, so the text encoder's host-side work overlaps the GPU's). True if it
+        encoded anything."""
+        texts = [request.prompt] + ([request.negative_prompt] if request.cfg else [])
+        missing = [t for t in texts if not self.prompt_cache.contains((self.model_key, t))]
+        for text in missing:
+            self._embed(text)
+        return bool(missing)
 
     def count_tokens(self, text: str) -> int:
         """Tokens the text encoder would see for ``text`` (chat template included)."""
@@ -186,6 +213,11 @@ class PipelineRunner:
             if job.cancel_requested:
                 p._interrupt = True  # the pipeline's own flag
                 raise JobCancelled(job.id)
+            if i == 0 and self.after_first_step is not None:
+                try:
+                    self.after_first_step()
+                except Exception:  # a prefetch must never fail the running job
+                    log.exception("after-first-step hook failed")
             return kwargs
 
         generators = [torch.Generator(self.device.type).manual_seed(s) for s in req.seeds()]
