@@ -72,7 +72,9 @@ def png_info(request: RunRequest, *, seed: int, model: str,
 _COLOUR_TYPES = {"L": (0, 1), "RGB": (2, 3), "RGBA": (6, 4)}
 _SUB_FILTER = 1
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_DEFLATE_LEVEL = 3  # ISA-L's best; still ~12x faster than PIL's zlib at level 4 (scripts/bench-png.py)
+# ISA-L's level 1: on an H200 box's CPU 10.5 ms for a 1024² image against 19.4 ms at level 3 (its best), with the
+# same size for noise and 0.4% smaller for a photo-like image here (docs/benchmarks.md, section 6)
+PNG_DEFLATE_LEVEL = 1
 
 
 def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo, level: int = PNG_DEFLATE_LEVEL) -> bytes:

@@ -1,6 +1,8 @@
 # Issue 13 (speed on the path users take), one device command on one H200: vanilla diffusers eager and with its one
 # compile line, then ours over HTTP — bf16 (first start, empty caches), fp8 (latents/PSNR vs bf16 over 8 seeds),
 # bf16 again (restart with the on-disk caches: cold start). EXTRA_WHEELS: torchao for fp8 (not on the image).
+# As run (docs/benchmarks.md, section 6) the code also compiled the text encoder's layers, encoded the next queued
+# prompt during a denoise and wrote PNGs at ISA-L level 3; all three changed after this run.
 source "$(dirname "$0")/common.sh"
 [ -n "${EXTRA_WHEELS:-}" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$EXTRA_WHEELS"/*.whl
 nproc; free -g | head -2

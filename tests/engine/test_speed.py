@@ -1,11 +1,10 @@
 """Issue 13's speed levers on the CPU: the prompt encode without a key/value cache gives the pipeline's numbers, the
-finishing thread overlaps a job's PNG with the next job's denoise, the next job's prompt is encoded during the
-running job (same pixels as alone), the static-shape gate compiles only the shapes it was given."""
+finishing thread overlaps a job's PNG with the next job's denoise, the static-shape gate runs the compiled decoder
+only for the shapes it was given."""
 
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -98,31 +97,6 @@ def test_a_failing_finish_fails_that_job_only_and_a_finishing_job_still_counts_f
         w.stop(0)
 
 
-def test_the_next_prompt_is_encoded_during_the_running_job_with_the_same_pixels(engine):
-    runner = engine.runners["turbo"]
-    primed = []
-    original = runner.prime
-
-    def prime(request):
-        primed.append((engine.worker.running.request.prompt, request.prompt))
-        return original(request)
-
-    first = {"prompt": "a big yellow star", "width": 256, "height": 256, "seed": 5, "steps": 8}
-    second = {"prompt": "a purple ring on a dark field", "width": 256, "height": 256, "seed": 6}
-    engine.prompt_cache.clear()
-    alone = engine.generate(second, timeout=60)
-    engine.prompt_cache.clear()
-    runner.prime = prime
-    try:
-        jobs = [engine.submit(first), engine.submit(second)]
-        results = [j.wait(60) for j in jobs]
-    finally:
-        runner.prime = original
-    assert ("a big yellow star", "a purple ring on a dark field") in primed
-    assert engine.prompt_cache.contains((runner.model_key, second["prompt"]))
-    assert np.array_equal(np.asarray(results[1].images[0]), np.asarray(alone.images[0]))
-
-
 class _Recorder:
     def __init__(self, fail=None):
         self.calls, self.fail = [], fail
@@ -142,17 +116,44 @@ def test_shape_gate_runs_compiled_only_for_its_shapes_and_falls_back_for_good():
     assert torch.equal(layer(x1), -torch.ones(1, 4)) and torch.equal(layer(x2), x2)
     assert fake.calls == [(1, 4)] and gate.calls == {"compiled": 1, "eager": 1}
 
-    state = {}
     broken = torch.nn.Identity()
-    broken._compiled_call_impl = ShapeGate(broken, None, state=state, compiled=_Recorder(RuntimeError("no")))
-    other = torch.nn.Identity()
-    other_fake = _Recorder()
-    other._compiled_call_impl = ShapeGate(other, None, state=state, compiled=other_fake)
-    assert torch.equal(broken(x1), x1) and "RuntimeError" in state["failed"]
-    assert torch.equal(other(x1), x1) and other_fake.calls == []  # the shared state sends every gate eager
+    broken_fake = _Recorder(RuntimeError("no"))
+    broken._compiled_call_impl = failed = ShapeGate(broken, [(1, 4)], compiled=broken_fake)
+    assert torch.equal(broken(x1), x1) and "RuntimeError: no" in failed.failed
+    assert torch.equal(broken(x1), x1) and len(broken_fake.calls) == 1  # not tried again
 
     oom = torch.nn.Identity()
-    oom._compiled_call_impl = ShapeGate(oom, None, compiled=_Recorder(RuntimeError("CUDA out of memory.")))
+    oom._compiled_call_impl = ShapeGate(oom, [(1, 4)], compiled=_Recorder(RuntimeError("CUDA out of memory.")))
     with pytest.raises(RuntimeError, match="out of memory"):
         oom(x1)  # the decode's own fallback handles it
     assert uncompile(layer) == 1 and torch.equal(layer(x1), x1)
+
+
+def test_the_gated_decoder_serves_one_image_at_the_presets_size_and_leaves_the_rest_eager(engine):
+    """``compile_vae_decoder`` on the demo VAE, with the compiled call stood in by the eager one (the CPU has no
+    compiled decode): one image at the preset's size goes through it, another size and a two-image call do not, and
+    the pixels are the engine's usual ones."""
+    from zimage_ui.engine.acceleration import compile_vae_decoder
+
+    preset = engine.presets().presets["turbo"]
+    request = {"prompt": "a green square", "width": preset.width, "height": preset.height, "seed": 4}
+    before = engine.generate(request, timeout=60)
+    vae = engine.model.pipe.vae
+    gate = compile_vae_decoder(vae, [(preset.width, preset.height)])
+    seen = []
+
+    def compiled(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return gate.eager(x, *args, **kwargs)
+
+    gate.compiled = compiled
+    try:
+        after = engine.generate(request, timeout=60)
+        assert seen == [(1, 16, preset.height // 8, preset.width // 8)] and gate.calls["eager"] == 0
+        engine.generate({**request, "width": preset.width + 64}, timeout=60)
+        assert len(seen) == 1 and gate.calls["eager"] == 1
+        engine.model.pipe.vae.decoder(torch.zeros(2, 16, preset.height // 8, preset.width // 8))  # a 2-image call
+        assert len(seen) == 1 and gate.calls["eager"] == 2
+    finally:
+        uncompile(vae)
+    assert after.images[0].tobytes() == before.images[0].tobytes()

@@ -330,31 +330,30 @@ def compile_transformer(transformer: Any, *, dynamic: bool = True) -> None:
 
 
 class ShapeGate:
-    """A compiled module's call that runs the compiled graph only for the input shapes in ``shapes`` (all, when
-    None) and the module eagerly for every other shape: a static-shape compile that never compiles in the middle of
-    a user's request. If the compiled call fails (not for lack of memory), it logs why and every gate sharing its
-    ``state`` runs eagerly from then on: a part that fails to compile costs its speed-up, never the request.
+    """A compiled module's call that runs the compiled graph only for the input shapes in ``shapes`` and the module
+    eagerly for every other shape: a static-shape compile that never compiles in the middle of a user's request.
+    If the compiled call fails (not for lack of memory: the decode's own fallback handles that), it logs why and
+    runs eagerly from then on: a failed compile costs its speed-up, never the request.
 
     Installed as the module's ``_compiled_call_impl`` (what ``nn.Module.compile`` sets), so :func:`uncompile`
     removes it like any other compile."""
 
-    def __init__(self, module: torch.nn.Module, shapes: Iterable[tuple[int, ...]] | None = None, *,
-                 state: dict[str, Any] | None = None, compiled: Any = None):
+    def __init__(self, module: torch.nn.Module, shapes: Iterable[tuple[int, ...]], *, compiled: Any = None):
         self.eager = module._call_impl
         self.compiled = compiled if compiled is not None else torch.compile(module._call_impl, dynamic=False)
-        self.shapes = None if shapes is None else {tuple(s) for s in shapes}
-        self.state = state if state is not None else {}
+        self.shapes = {tuple(s) for s in shapes}
+        self.failed = ""  # why the compiled call failed, once it has
         self.calls = {"compiled": 0, "eager": 0}
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self.state.get("failed") and (self.shapes is None or tuple(x.shape) in self.shapes):
+        if not self.failed and tuple(x.shape) in self.shapes:
             try:
                 out = self.compiled(x, *args, **kwargs)
             except Exception as exc:
                 if "out of memory" in str(exc).lower():
                     raise
-                self.state["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                log.warning("compiled call failed, running eagerly from now on: %s", self.state["failed"])
+                self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                log.warning("compiled call failed, running eagerly from now on: %s", self.failed)
             else:
                 self.calls["compiled"] += 1
                 return out
@@ -373,29 +372,11 @@ def compile_vae_decoder(vae: Any, sizes: Iterable[tuple[int, int]]) -> ShapeGate
     ``compile_vae`` setting. Other sizes and batches decode eagerly, so no request ever waits for a compile.
 
     Dynamic shapes (the first version) gave nothing on an H100 and cost four minutes of warm-up; a static graph
-    decodes 1024² in 35–39 ms against 87–92 ms eagerly (docs/benchmarks.md, issue 13)."""
+    decodes 1024² in 35 ms against 87 ms eagerly on an H200, for a few seconds at most on a restart with the
+    on-disk cache (docs/benchmarks.md, section 6)."""
     gate = ShapeGate(vae.decoder, [vae_latent_shape(vae, w, h) for w, h in sizes])
     vae.decoder._compiled_call_impl = gate
     return gate
-
-
-def compile_text_encoder(text_encoder: Any) -> int:
-    """Regional compile of the text encoder's decoder layers (static shapes: prompts are always padded to the
-    pipeline's 512 tokens, so one graph serves every prompt; the layers share it). Returns how many layers."""
-    layers = getattr(text_encoder, "layers", None)
-    if layers is None:
-        layers = getattr(getattr(text_encoder, "model", None), "layers", None)
-    if layers is None:
-        return 0
-    state: dict[str, Any] = {}
-    for layer in layers:
-        layer._compiled_call_impl = ShapeGate(layer, None, state=state)
-    return len(layers)
-
-
-def _has_hooks(module: torch.nn.Module) -> bool:
-    """Whether accelerate/diffusers hooks (offload, group offload, layerwise casting) are on ``module``."""
-    return any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in module.modules())
 
 
 def uncompile(module: torch.nn.Module) -> int:
@@ -425,10 +406,7 @@ def fall_back(pipe: Any, report: AccelerationReport, exc: BaseException) -> bool
         log.warning("compiled run failed (%s); running eagerly", first_line)
         uncompile(pipe.transformer)
         uncompile(pipe.vae)
-        if getattr(pipe, "text_encoder", None) is not None:
-            uncompile(pipe.text_encoder)
         report.compiled = report.vae_compiled = False
-        report.text_encoder_compiled = 0
         install_attention(pipe.transformer, report.attention, real_rope=False)
         report.compile_note = f"fell back to eager: {first_line}"
     torch._dynamo.reset()
@@ -487,7 +465,6 @@ class AccelerationReport:
     compile_cache: dict[str, Any] = field(default_factory=dict)
     vae_compiled: bool = False
     vae_sizes: list[tuple[int, int]] = field(default_factory=list)  # sizes whose decode runs compiled
-    text_encoder_compiled: int = 0  # text-encoder layers compiled
     fp8: bool = False
     fp8_note: str = ""
     fp8_linears: int = 0
@@ -502,16 +479,12 @@ class AccelerationReport:
 def accelerate(pipe: Any, device: torch.device, *, attention: str = "auto", compile: bool = True,
                compile_vae: bool = False, fp8: bool = False, cache_dir: Path | None = None,
                compile_allowed: bool = True, width: int = 1024, height: int = 1024,
-               choice: AttentionChoice | None = None, compile_text_encoder_layers: bool | None = None,
+               choice: AttentionChoice | None = None,
                vae_sizes: Iterable[tuple[int, int]] | None = None) -> AccelerationReport:
     """Apply the speed settings to a placed pipeline. ``fp8`` raises ``ValueError`` (with the reason) where fp8 can't
     run, or with a placement that hooks the transformer; ``compile`` is skipped on the CPU and where the placement
-    hooks the transformer (``compile_allowed``). ``choice`` re-uses an attention choice (no second probe).
-
-    With compile on, the text encoder's layers are compiled too when it is resident (``compile_text_encoder_layers``
-    None = when the placement allows compile; the environment variable ``ZIMAGE_UI_COMPILE_TEXT_ENCODER=0`` turns it
-    off for an A/B run), and with ``compile_vae`` the decoder is compiled for one image at each of ``vae_sizes``
-    (default: ``width×height``)."""
+    hooks the transformer (``compile_allowed``). ``choice`` re-uses an attention choice (no second probe). With
+    ``compile_vae`` the decoder is compiled for one image at each of ``vae_sizes`` (default: ``width×height``)."""
     t0 = time.perf_counter()
     report = AccelerationReport()
     transformer = pipe.transformer
@@ -540,12 +513,6 @@ def accelerate(pipe: Any, device: torch.device, *, attention: str = "auto", comp
         compile_transformer(transformer)
         report.compiled = True
         report.compile_note = "compile_repeated_blocks(fullgraph=True, dynamic=True); compiled during warm-up"
-        if compile_text_encoder_layers is None:
-            compile_text_encoder_layers = os.environ.get("ZIMAGE_UI_COMPILE_TEXT_ENCODER", "1") != "0"
-        text_encoder = getattr(pipe, "text_encoder", None)
-        if compile_text_encoder_layers and text_encoder is not None and not _has_hooks(text_encoder):
-            report.text_encoder_compiled = compile_text_encoder(text_encoder)
-            report.compile_note += f"; text encoder's {report.text_encoder_compiled} layers compiled (static)"
         if compile_vae:
             report.vae_sizes = sorted(set(vae_sizes or [(width, height)]))
             compile_vae_decoder(pipe.vae, report.vae_sizes)

@@ -178,8 +178,6 @@ class Engine:
                     self.runners[key] = PipelineRunner(loaded.pipe, loaded.device, model_key=loaded.model_id,
                                                        prompt_cache=self.prompt_cache, on_sample=self._sample,
                                                        memory=_EngineRunMemory(self))
-                    if self.placement.name == "resident":  # the next job's prompt encodes during this denoise
-                        self.runners[key].after_first_step = self._prime_next
             self.worker = SerialWorker(self._execute, max_queue=self.settings.max_queue,
                                        jobs_per_client=self.settings.jobs_per_client, timer=self.timer,
                                        on_idle=self._on_idle, finish=self._finish)
@@ -731,7 +729,8 @@ class Engine:
 
     def _execute_loaded(self, job: Job) -> JobResult:
         reload_s = self.reload() if self.unloaded else None
-        runner = self._runner_for(job.request)
+        preset = self.presets().presets[job.request.preset]
+        runner = self.runners["base"] if preset.model == "base" and "base" in self.runners else self.runners["turbo"]
         self._released_since_active = False
         output = runner.run(job, decode_batch=job.decode_batch)
         self.timer.record(job.request, output.timings["per_step_s"],
@@ -747,16 +746,6 @@ class Engine:
                            notes=notes, model_id=loaded.model_id, model_label=loaded.label, timings=output.timings,
                            peak_working_bytes=peak)
         return result
-
-    def _runner_for(self, request: RunRequest) -> PipelineRunner:
-        preset = self.presets().presets[request.preset]
-        return self.runners["base"] if preset.model == "base" and "base" in self.runners else self.runners["turbo"]
-
-    def _prime_next(self) -> None:
-        """During a job's denoise (worker thread): encode the next queued job's prompt into the prompt cache."""
-        job = self.worker.peek() if self.worker is not None else None
-        if job is not None and not job.cancel_requested:
-            self._runner_for(job.request).prime(job.request)
 
     def _finish(self, job: Job, result: JobResult) -> None:
         """After the GPU's part, on the worker's finishing thread: save the PNGs, run the result hooks."""

@@ -70,10 +70,6 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
 
-    def contains(self, key: tuple) -> bool:
-        with self._lock:
-            return key in self._items
-
     def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._items:
@@ -140,22 +136,10 @@ class PipelineRunner:
         self.memory = memory if memory is not None else RunMemory()
         self.ooms_recovered = 0
         self.denoise_peak = 0
-        # called once per job after its first denoise step (the engine encodes the next queued job's prompt there)
-        self.after_first_step: Callable[[], None] | None = None
 
     # --- prompt -----------------------------------------------------------------------------------------------
     def _embed(self, text: str) -> list[torch.Tensor]:
         return self.prompt_cache.get((self.model_key, text), lambda: encode_prompt(self.pipe, text, self.device))
-
-    def prime(self, request: RunRequest) -> bool:
-        """Encode ``request``'s prompt(s) into the prompt cache now (the worker calls this for the next queued job
-        during a running job's denoise, so the text encoder's host-side work overlaps the GPU's). True if it
-        encoded anything."""
-        texts = [request.prompt] + ([request.negative_prompt] if request.cfg else [])
-        missing = [t for t in texts if not self.prompt_cache.contains((self.model_key, t))]
-        for text in missing:
-            self._embed(text)
-        return bool(missing)
 
     def count_tokens(self, text: str) -> int:
         """Tokens the text encoder would see for ``text`` (chat template included)."""
@@ -213,11 +197,6 @@ class PipelineRunner:
             if job.cancel_requested:
                 p._interrupt = True  # the pipeline's own flag
                 raise JobCancelled(job.id)
-            if i == 0 and self.after_first_step is not None:
-                try:
-                    self.after_first_step()
-                except Exception:  # a prefetch must never fail the running job
-                    log.exception("after-first-step hook failed")
             return kwargs
 
         generators = [torch.Generator(self.device.type).manual_seed(s) for s in req.seeds()]

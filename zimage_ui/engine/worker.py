@@ -146,11 +146,6 @@ class SerialWorker:
         finishing = [j for j in list(self._finishing) if not j.done and j is not self._running]
         return finishing + running + list(self._queue)
 
-    def peek(self) -> Job | None:
-        """The job that runs next (the head of the queue), or None."""
-        with self._cond:
-            return self._queue[0] if self._queue else None
-
     @property
     def depth(self) -> int:
         """Jobs waiting (not counting the running one)."""
