@@ -57,7 +57,7 @@ def main(folder: str) -> None:
                          f"{lat['cosine']} / {lat.get('cosine_mean')}, {lat.get('psnr_db_min')} / "
                          f"{lat.get('psnr_db_mean')}"))
         comp = rep.get("components") or {}
-        for key in ("encode_pipeline_ms", "encode_ms", "encode_eager_ms", "encode_eager_128_tokens_ms",
+        for key in ("encode_pipeline_ms", "encode_ms", "encode_128_tokens_ms",
                     "vae_decode_engine_ms", "vae_decode_eager_ms", "to_pil_on_device_ms"):
             if key in comp:
                 rows.append((f"  {key}", comp[key]))
