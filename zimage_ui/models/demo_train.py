@@ -64,6 +64,10 @@ class TrainConfig:
     vae_share: float = 0.22  # of the budget left after rendering and the evaluation reserve
     eval_reserve_s: float = 40.0
     compile: bool = False  # torch.compile the transformer's blocks for training (the saved weights are the same)
+    init: str = ""  # a demo-weights file to continue from: its VAE and latent scaling are kept, only the transformer
+    #                 and text encoder train on
+    distill_guidance: float = 0.0  # > 0: the target is a frozen copy of the starting model's guided prediction
+    #                                (uncond + w * (cond - uncond)), so Turbo (guidance 0) draws what CFG draws
     device: str = "auto"
     workers: int = 0  # 0: one per CPU core
     log_every: int = 25
@@ -354,6 +358,10 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
     te.train().requires_grad_(True)
     ema_tr = copy.deepcopy(tr).eval().requires_grad_(False)
     ema_te = copy.deepcopy(te).eval().requires_grad_(False)
+    # guidance distillation: a frozen copy of the starting model is the teacher (its EMA copy stays eager)
+    teacher = (copy.deepcopy(ema_tr), copy.deepcopy(ema_te)) if cfg.distill_guidance > 0 else None
+    if teacher is not None:
+        log["distill_guidance"] = cfg.distill_guidance
     params = [p for p in list(tr.parameters()) + list(te.parameters())]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01,
                             fused=device.type == "cuda")
@@ -370,16 +378,28 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)
     n = latents.shape[0]
 
+    def predict(t_model, e_model, tok, mask, xt, t):
+        hidden = e_model(input_ids=tok, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        if batched:
+            return batched_forward(t_model, xt, t, hidden, mask).float()
+        lengths = mask.sum(1).tolist()  # right-padded: row i's tokens are its first lengths[i]
+        cap_feats = [hidden[i, :n] for i, n in enumerate(lengths)]
+        out = t_model(list(xt.unsqueeze(2).unbind(0)), t, cap_feats, return_dict=False)[0]
+        return torch.stack(out).squeeze(2).float()
+
+    def guided_target(tok, mask, drop, xt, t):
+        """The teacher's guided prediction (its unconditional one for dropped captions)."""
+        b = tok.shape[0]
+        with torch.no_grad(), _autocast(device):
+            both = predict(*teacher, torch.cat([tok, empty_ids.expand(b, -1)]),
+                           torch.cat([mask, empty_mask.expand(b, -1)]), torch.cat([xt, xt]), torch.cat([t, t]))
+        cond, uncond = both[:b], both[b:]
+        guided = uncond + cfg.distill_guidance * (cond - uncond)
+        return torch.where(drop[:, None, None, None], uncond, guided)
+
     def forward_backward(tok, mask, xt, t, target):
         with _autocast(device):
-            hidden = te(input_ids=tok, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-            if batched:
-                pred = batched_forward(tr, xt, t, hidden, mask).float()
-            else:
-                lengths = mask.sum(1).tolist()  # right-padded: row i's tokens are its first lengths[i]
-                cap_feats = [hidden[i, :n] for i, n in enumerate(lengths)]
-                out = tr(list(xt.unsqueeze(2).unbind(0)), t, cap_feats, return_dict=False)[0]
-                pred = torch.stack(out).squeeze(2).float()
+            pred = predict(tr, te, tok, mask, xt, t)
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,8 +421,9 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma[:, None, None, None]
         xt = s * noise + (1 - s) * z0
+        target = z0 - noise if teacher is None else guided_target(tok, mask, drop, xt, 1 - sigma)
         try:
-            loss = forward_backward(tok, mask, xt, 1 - sigma, z0 - noise)
+            loss = forward_backward(tok, mask, xt, 1 - sigma, target)
         except Exception as exc:  # a compiler failure on the first step: go on eagerly, and say so in the log
             if not (cfg.compile and step == 0):
                 raise
@@ -410,7 +431,7 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
             log["dit_forward"] = log["dit_forward"].replace(", compiled blocks", ", eager (compile failed)")
             print(f"[train-demo] compile failed, training eagerly: {log['compile_error'][:300]}", flush=True)
             _uncompile(tr)
-            loss = forward_backward(tok, mask, xt, 1 - sigma, z0 - noise)
+            loss = forward_backward(tok, mask, xt, 1 - sigma, target)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))
@@ -490,6 +511,9 @@ def _markdown(cfg: TrainConfig, log: dict[str, Any]) -> str:
     from zimage_ui.models.judge import TARGETS
 
     lines = ["# Demo model training log", "", f"Wall time {log['wall_seconds']:.0f} s on {log['device']}.", ""]
+    if log.get("init"):
+        lines += [f"Continued from `{log['init']}` (its VAE kept); guidance distillation "
+                  f"w = {log.get('distill_guidance', 0)}.", ""]
     lines += ["| phase | steps (asked) | seconds | final loss |", "|---|---|---|---|",
               f"| render {cfg.samples} scenes | | {log['render_seconds']:.1f} | |",
               f"| VAE | {log['vae_steps']} ({log['vae_asked']}) | {log['vae_seconds']:.1f} | "
@@ -539,7 +563,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> dict[str, Any]:
     import torch
 
-    from zimage_ui.models.demo import build_demo_pipeline, save_demo_weights
+    from zimage_ui.models.demo import build_demo_pipeline, load_trained_pipeline, save_demo_weights
 
     log: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
     torch.manual_seed(cfg.seed)
@@ -559,18 +583,24 @@ def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> di
     log["render_seconds"] = time.perf_counter() - t0
     print(f"[train-demo] rendered {len(captions)} scenes in {log['render_seconds']:.1f} s", flush=True)
 
-    pipe = build_demo_pipeline(cfg.seed, trained_sizes=True)
+    pipe = load_trained_pipeline(Path(cfg.init)) if cfg.init else build_demo_pipeline(cfg.seed, trained_sizes=True)
     for part in ("transformer", "text_encoder", "vae"):
         torch.nn.Module.to(getattr(pipe, part), device, torch.float32)
     images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
     del pixels
 
     left = cfg.time_budget_s - clock.elapsed() - cfg.eval_reserve_s if cfg.time_budget_s > 0 else 0
-    train_vae(pipe.vae, images, cfg, device, left * cfg.vae_share, log)
-    print(f"[train-demo] VAE: {log['vae_steps']} steps, {log['vae_seconds']:.1f} s, loss {log['vae_final_loss']:.4f}",
-          flush=True)
-    latents, shift, scale = encode_latents(pipe.vae, images, device)
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if cfg.init:  # continuing: the VAE and the latent scaling the transformer learnt in stay as they are
+        log.update(init=cfg.init, vae_steps=0, vae_asked=0, vae_seconds=0.0, vae_final_loss=float("nan"),
+                   vae_loss_curve=[])
+        latents, _, _ = encode_latents(pipe.vae, images, device)
+        shift, scale = float(pipe.vae.config.shift_factor), float(pipe.vae.config.scaling_factor)
+    else:
+        train_vae(pipe.vae, images, cfg, device, left * cfg.vae_share, log)
+        print(f"[train-demo] VAE: {log['vae_steps']} steps, {log['vae_seconds']:.1f} s, "
+              f"loss {log['vae_final_loss']:.4f}", flush=True)
+        latents, shift, scale = encode_latents(pipe.vae, images, device)
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = (latents - shift) * scale
     log.update(latent_shift=shift, latent_scale=scale)
     del images
