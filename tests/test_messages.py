@@ -161,3 +161,16 @@ def test_admission_is_figures_and_a_code():
     for admission in (over, chunked, others):
         zh = render(admission.message, "zh")
         assert not english_in(zh) and ascii_letters_left(zh) == "", zh
+
+
+def test_the_demo_models_notes_are_codes_said_in_both_languages():
+    from zimage_ui.models import demo
+    from zimage_ui.validation import RunRequest
+
+    notes = demo.request_notes(RunRequest("a red dragon on a blue castle", "", "turbo", 8, 0.0, 512, 512, 1, 1))
+    assert [n.code for n in notes] == ["note.demo_unknown_words", "note.demo_size"]
+    assert notes[0].values["words"] == ["dragon", "castle"]
+    zh = [render(n, "zh") for n in notes]
+    assert zh[0] == "演示模型不认识：'dragon'、'castle'（它只认识简单的图形、颜色和位置）"
+    assert zh[1] == "演示模型是按 256×256 的图片训练的；在 512×512 下画得更差"
+    assert str(notes[1]) == "the demo model is trained for 256×256 pictures; at 512×512 it draws worse"
