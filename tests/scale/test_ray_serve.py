@@ -186,7 +186,7 @@ def test_two_replicas_serve_at_least_1_6_times_one_replica(server, plan):
     the figure is the best round of each, measured in turns (2, 1, 2, 1, ...) until the ratio holds or the turns
     run out: a busy neighbour slows a round, it never makes one faster."""
     engine = server.engine
-    turns = int(os.environ.get("ZIMAGE_SCALE_TURNS", "3"))
+    turns = int(os.environ.get("ZIMAGE_SCALE_TURNS", "4"))
     two = one = 0.0
     for _ in range(turns):
         two = max(two, _throughput(engine, 12, 4))

@@ -207,7 +207,7 @@ class RemoteEngine:
         import ray
 
         try:
-            posts = ray.get(self._board.read.remote(STALE_S), timeout=10)
+            posts = ray.get(self._board.read.remote(STALE_S), timeout=2)
         except Exception as exc:
             log.warning("could not read the replicas' board: %s", exc)
             return

@@ -56,12 +56,13 @@ def start_local(settings: Any, *, plan: LocalPlan | None = None, health_period_s
     from .board import shutdown_board
     from .replica import build_app
 
-    if plan is None:
-        plan = LocalPlan.for_machine(replicas=settings.replicas, gpus=_gpu_count(), cpus=os.cpu_count() or 1)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        cpus = max(os.cpu_count() or 1, int(plan.replicas * plan.num_cpus))
+        cpus = max(os.cpu_count() or 1, int(plan.replicas * plan.num_cpus) if plan is not None else 1)
         ray.init(**{"num_cpus": cpus, "include_dashboard": False, "namespace": "zimage", **(ray_init or {})})
+    if plan is None:  # the GPUs Ray found on this machine (CUDA_VISIBLE_DEVICES respected)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        plan = LocalPlan.for_machine(replicas=settings.replicas, gpus=gpus, cpus=os.cpu_count() or 1)
     serve.start(proxy_location="Disabled")
     log.info("starting %d replica(s) on Ray Serve (%s each)", plan.replicas,
              f"{plan.num_gpus:g} GPU" if plan.num_gpus else f"{plan.num_cpus:g} CPUs, {plan.threads} threads")
@@ -97,11 +98,3 @@ def remote_engine(settings: Any) -> RemoteEngine:
     """The engine ``zimage-ui serve`` uses with ``--replicas`` or ``--ray-address``."""
     return connect(settings) if settings.ray_address else start_local(settings)
 
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0

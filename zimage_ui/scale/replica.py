@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ..engine.jobs import ClientBusy, EngineError, JobFailed, JobState, MemoryRefused, NotReady, QueueFull
@@ -117,6 +118,10 @@ class ZImageReplica:
             raise RuntimeError(f"the engine failed to start: {self.engine.reason}")
         if state == "ready" and not self.engine.ready:
             raise RuntimeError("the GPU worker thread died")
+        limit = self.settings.watchdog_seconds  # the single server's watchdog, here per replica
+        queue = self.engine.queue_info()
+        if limit > 0 and queue.running_job is not None and time.monotonic() - queue.last_heartbeat > limit:
+            raise RuntimeError(f"{queue.running_job.id} made no progress for {limit:g} s")
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router (``routing.ZImageRouter``) decides by: ready, unloaded, working memory available."""
@@ -285,6 +290,9 @@ def build_app(settings: Any, *, replicas: int, app_name: str = "zimage", num_gpu
     from ray import serve
 
     replica_settings = settings.model_dump(exclude_none=True)
+    for name in ("output_dir", "cache_dir", "model_dir", "presets_file"):  # a replica's working folder is Ray's
+        if name in replica_settings:
+            replica_settings[name] = str(Path(replica_settings[name]).expanduser().resolve())
     replica_settings["max_queue"] = max(settings.max_queue, MAX_ONGOING)
     replica_settings["jobs_per_client"] = 100  # the door counts a client's jobs across replicas
     # the door refuses beyond max_queue itself (RemoteEngine.submit); Ray's limit is the backstop for requests in
