@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_ONGOING = 2  # one job running, one waiting in the serial worker: the next starts without a round trip
 REPORT_S = 0.5  # how often a replica posts to the board
+STATUS_EVERY_S = 0.1  # progress events of a running job: at most ten a second
 ROUTER_CLASS = "zimage_ui.scale.routing:ZImageRouter"
 DEPLOYMENT_NAME = "ZImageReplica"
 
@@ -200,13 +201,15 @@ class ZImageReplica:
         job.on_change(changed)
         yield {"t": "accepted", **me, "job": job.id}
         last: tuple[Any, ...] | None = None
+        sent = 0.0
         try:
             while not job.done:
                 wake.clear()
                 status = self.engine.status(job)
                 now = (status.state.value, status.position, status.step, status.total_steps)
-                if now != last:
-                    last = now
+                # every change of state or position; steps at most every STATUS_EVERY_S (each event is a message)
+                if now != last and (last is None or now[:2] != last[:2] or time.monotonic() - sent >= STATUS_EVERY_S):
+                    last, sent = now, time.monotonic()
                     yield {"t": "status", "state": status.state.value, "position": status.position,
                            "step": status.step, "total_steps": status.total_steps, "eta_s": status.eta_s}
                 if job.done:
