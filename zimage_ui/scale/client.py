@@ -358,6 +358,7 @@ class RemoteEngine:
             error = QueueFull(self.settings.max_queue, self._retry_after(self.settings.max_queue))
             if not job.answered.is_set():
                 job.refused = error
+                job._end_hooks_fired = True  # type: ignore[attr-defined]
             self._end(job, JobState.FAILED, error=error)
             ended = True
         except (RayActorError, RayTaskError) as exc:
