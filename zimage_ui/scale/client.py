@@ -31,7 +31,7 @@ from .replica import MAX_ONGOING, refusal_error
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.25  # how often the board is read
+POLL_S = 0.5  # how often the board is read (the page polls once a second)
 STALE_S = 3.0  # a replica not heard from for this long is gone (died, replaced)
 FIRST_WORD_S = 1.0  # how long submit waits for a free replica's first word (accepted or refused)
 LOST_S = 8.0  # a running job whose replica is gone this long ends FAILED (the stream's own error usually comes first)
