@@ -114,18 +114,25 @@ def test_a_killed_replica_fails_its_job_explicitly_the_other_answers_and_ray_rep
     engine = server.engine
     before = {r["replica"]: r for r in engine.replicas()}
     assert len(before) == 2
+    def running() -> set[str]:
+        return {r["replica"] for r in engine.replicas() if r["queue"]["running"]}
+
+    # the board settled (no replica still finishing an earlier test's job), then one job on each replica: the
+    # second goes to the replica with the fewer requests, the idle one
+    wait_until(lambda: not running(), 60, 0.1, "both replicas idle")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(_post, server.url, {**LONG, "seed": i}) for i in range(2)]
-        # wait for both to run, one on each replica
-        wait_until(lambda: len({r["replica"] for r in engine.replicas() if r["queue"]["running"]}) == 2, 60,
-                   0.1, "both replicas running a job")
+        futures = [pool.submit(_post, server.url, {**LONG, "seed": 0})]
+        wait_until(lambda: len(running()) == 1, 60, 0.1, "one replica running a job")
+        futures.append(pool.submit(_post, server.url, {**LONG, "seed": 1}))
+        wait_until(lambda: len(running()) == 2, 60, 0.1, "both replicas running a job")
         victim = next(r for r in engine.replicas() if r["queue"]["running"])
         ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
         t_kill = time.monotonic()
         answers = [f.result(timeout=120) for f in futures]
     lost = [a for a in answers if a.status_code != 200]
     kept = [a for a in answers if a.status_code == 200]
-    assert len(lost) == 1 and len(kept) == 1, [(a.status_code, a.text[:200]) for a in answers]
+    assert len(lost) == 1 and len(kept) == 1, (victim["replica"], [(a.status_code, a.headers.get(
+        "X-Zimage-Replica"), a.text[:100] if a.status_code != 200 else "") for a in answers], engine.replicas())
     assert lost[0].status_code == 500 and victim["replica"] in lost[0].json()["message"]  # explicit, named
     assert lost[0].headers["X-Zimage-Replica"] == victim["replica"]
     assert kept[0].headers["X-Zimage-Replica"] != victim["replica"]
