@@ -95,6 +95,7 @@ def test_requests_spread_over_both_replicas_and_every_answer_names_its_replica(s
     metrics = httpx.get(f"{server.url}/metrics").text
     for replica in ids:
         assert re.search(rf'zimage_replica_ready{{gpu="cpu",host="[^"]+",replica="{replica}"}} 1\.0', metrics)
+    assert server.engine.model_info()["knows_shapes"] is False  # the replicas' word (untrained weights here)
     served = {r["replica"]: r["served"] for r in server.engine.replica_snapshots()}
     assert sum(served.values()) >= 8 and all(served.values())
 

@@ -125,6 +125,9 @@ class Page:
         """Whether the loaded model is the trained demo model (it draws the shapes world's prompts)."""
         from ..models.demo import is_trained
 
+        told = self.engine.model_info().get("knows_shapes")  # replicas on Ray Serve say it (no pipeline here)
+        if told is not None:
+            return bool(told)
         return self._is_demo() and is_trained(self.engine.model.pipe)
 
     def _is_demo(self) -> bool:
