@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     kiosk_idle_seconds: float = Field(120.0, ge=10, description="Kiosk mode: clear the gallery and prompt after "
                                                                 "this long without activity.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+    # scale-out on Ray Serve (zimage_ui/scale, docs/deployment.md): both need the `ray` extra
+    replicas: int = Field(0, ge=0, le=256, description="Serve through N engine replicas on a local Ray instance: "
+                                                       "one per GPU (at most N), or N on the CPUs without a GPU "
+                                                       "(0 = one engine in this process).")
+    ray_address: str | None = Field(None, description="Serve through the replicas of a Ray cluster (`auto` or "
+                                                      "HOST:PORT), deployed with deploy/ray-serve.yaml.")
+    ray_app: str = Field("zimage", description="The Ray Serve application's name (with --ray-address).")
 
     @field_validator("dtype")
     @classmethod

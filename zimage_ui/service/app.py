@@ -160,6 +160,27 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+REPLICA_HEADER = "X-Zimage-Replica"
+
+
+def replica_name(job: Job) -> str:
+    """The replica that ran ``job`` (``X-Zimage-Replica``): a Ray Serve replica's id, or ``local`` (one engine in
+    this process)."""
+    return getattr(job, "replica", None) or "local"
+
+
+def replica_memory(engine: Any, snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every replica's memory for /api/v1/vram: the engine's list (Ray Serve replicas), or the one engine here."""
+    listing = getattr(engine, "replica_snapshots", None)
+    if listing is not None:
+        return listing()
+    import socket
+
+    info = engine.model_info()
+    return [{"replica": "local", "host": socket.gethostname(), "gpu": info.get("device"), "device": info.get("device"),
+             "state": engine.state.value, "ready": bool(engine.ready), "snapshot": snapshot}]
+
+
 def without_paths(text: str) -> str:
     """``text`` with absolute file paths replaced by their last part: answers never show the server's folders.
 
@@ -363,7 +384,9 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
             ready, status, reason = state.readiness(engine)
             return _error(503, "not_ready", f"no memory reading yet: {reason}", retry_after=NOT_READY_RETRY_S)
         snapshot = await run_in_threadpool(engine.memory_snapshot)
-        return JSONResponse(snapshot.to_dict())
+        body = snapshot.to_dict()
+        body["replicas"] = await run_in_threadpool(replica_memory, engine, snapshot.to_dict())
+        return JSONResponse(body)
 
     @app.get("/api/v1/presets", tags=["api"], summary="Presets and the limits the validator enforces")
     async def presets() -> dict[str, Any]:
@@ -374,11 +397,11 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
 
     @app.get("/api/v1/info", tags=["api"], summary="Model, state and queue")
     async def info() -> dict[str, Any]:
-        worker = getattr(engine, "worker", None)
+        queue = engine.queue_info()
         ready, status, reason = state.readiness(engine)
         return {"version": __version__, "model": engine.model_info(), "status": status, "reason": reason,
-                "queue": {"depth": worker.depth if worker else 0, "max_queue": settings.max_queue,
-                          "running": bool(worker and worker.running and not worker.running.done)}}
+                "queue": {"depth": queue.depth, "max_queue": settings.max_queue,
+                          "running": queue.running_job is not None}}
 
     # --- generate -------------------------------------------------------------------------------------------
     try:
@@ -453,24 +476,31 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
                 return Response(status_code=499)  # nobody reads it; the access log shows why the job ended
         return await _answer(request, job)
 
-    async def _answer(request: Request, job: Job) -> Response:
+    def _unfinished(job: Job) -> Response:
         if job.state == JobState.CANCELLED:
             if state.fatal is not None:
                 return _error(503, "unhealthy", f"the server is unhealthy and restarting: {state.fatal}")
             why = "the server is shutting down" if state.draining else "the job was cancelled"
             return _error(503, "cancelled", f"{why}; nothing was made", retry_after=NOT_READY_RETRY_S)
-        if job.state == JobState.FAILED:
-            error = job.error
-            if isinstance(error, JobFailed) and error.kind == "oom":
-                return _error(507, "out_of_memory", str(error))
-            log.error("%s failed: %s", job.id, error)  # the full text (paths included) stays in the log
-            return _error(500, "generation_failed", f"generation failed: {error}")
+        error = job.error
+        if isinstance(error, QueueFull):  # a replica's (or Ray's) queue was full after all: as at the door
+            return _error(503, "queue_full", str(error), retry_after=error.retry_after_s, depth=error.depth)
+        if isinstance(error, JobFailed) and error.kind == "oom":
+            return _error(507, "out_of_memory", str(error))
+        log.error("%s failed: %s", job.id, error)  # the full text (paths included) stays in the log
+        return _error(500, "generation_failed", f"generation failed: {error}")
+
+    async def _answer(request: Request, job: Job) -> Response:
+        if job.state != JobState.DONE:
+            response = _unfinished(job)
+            response.headers[REPLICA_HEADER] = replica_name(job)
+            return response
         result = job.result
         assert result is not None  # DONE always carries a result
         history_id = history.row_for(job) if history is not None else None
         clamps = [str(c) for c in result.changes if not is_seed_draw(c)]
         headers = {"X-Zimage-Seed": str(result.seeds[0]), "X-Zimage-Seeds": ",".join(map(str, result.seeds)),
-                   "X-Zimage-Job": job.id}
+                   "X-Zimage-Job": job.id, REPLICA_HEADER: replica_name(job)}
         if clamps:
             headers["X-Zimage-Clamped"] = ";".join(header_text(c) for c in clamps)
         if history_id is not None:
@@ -580,7 +610,7 @@ def create_app(settings: Settings, engine: Any, *, state: ServiceState | None = 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
                            expose_headers=["X-Zimage-Seed", "X-Zimage-Seeds", "X-Zimage-Clamped",
-                                           "X-Zimage-Job", "X-Zimage-History-Id", "Retry-After"],
+                                           "X-Zimage-Job", "X-Zimage-History-Id", REPLICA_HEADER, "Retry-After"],
                            allow_credentials=True)
     hosts = allowed_hosts(settings)
     if hosts is not None:  # outermost: a request for a name this server does not answer to goes no further

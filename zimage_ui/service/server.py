@@ -337,10 +337,10 @@ class Service:
             elif state == "ready" and not engine.ready:
                 self.fail("the GPU worker thread died")
             elif state == "ready" and limit > 0:
-                worker = engine.worker
-                running = worker.running
+                queue = engine.queue_info()
+                running = queue.running_job
                 if running is not None and not running.done:
-                    idle = time.monotonic() - worker.last_heartbeat
+                    idle = time.monotonic() - queue.last_heartbeat
                     if idle > limit:
                         self.fail(f"{running.id} made no progress for {idle:.0f} s (step {running.step}/"
                                   f"{running.total_steps}; watchdog {limit:g} s)")
@@ -388,10 +388,16 @@ def serve(settings: Settings, *, sock: socket.socket | None = None, early: Any =
         _warn_about_exposure(settings, load_users(settings))
         log.info("listening on %s; starting up (/healthz answers, /readyz says loading until ready)",
                  _base_url(settings))
-        from ..engine.engine import Engine
+        if settings.replicas or settings.ray_address:  # scale-out: the engines are Ray Serve replicas
+            from ..scale.local import remote_engine
 
-        engine = Engine(settings)
-        engine_thread = engine.start_in_background()  # weights load while the web UI is being built
+            engine: Any = remote_engine(settings)  # the replicas load while the web UI is being built
+            engine_thread = None
+        else:
+            from ..engine.engine import Engine
+
+            engine = Engine(settings)
+            engine_thread = engine.start_in_background()  # weights load while the web UI is being built
         service = Service(settings, engine=engine, engine_thread=engine_thread)
     finally:
         # uvicorn installs its own handlers while it runs and puts these back after: Python's defaults, not the

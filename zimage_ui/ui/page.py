@@ -35,7 +35,7 @@ from ..sizes import SizeTable, load_sizes
 from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
 from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, render, strings, t
-from .vram import render_vram_bar
+from .vram import render_vram_bar, render_vram_bars
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ class Page:
         """Whether the loaded model is the trained demo model (it draws the shapes world's prompts)."""
         from ..models.demo import is_trained
 
+        told = self.engine.model_info().get("knows_shapes")  # replicas on Ray Serve say it (no pipeline here)
+        if told is not None:
+            return bool(told)
         return self._is_demo() and is_trained(self.engine.model.pipe)
 
     def _is_demo(self) -> bool:
@@ -167,6 +170,10 @@ class Page:
     # --- the bar, the notice, the button --------------------------------------------------------------------------
     def projection(self, request: RunRequest | None, lang: str) -> tuple[str, bool]:
         """(bar HTML, Generate enabled) for ``request`` against the memory now."""
+        listing = getattr(self.engine, "replica_snapshots", None)  # Ray Serve replicas: one bar each
+        replicas = listing() if listing is not None else []
+        if len(replicas) > 1:
+            return self._replica_bars(replicas, request, lang)
         if not self.engine.ready:
             snapshot = self._snapshot()
             return render_vram_bar(snapshot, lang=lang), False
@@ -178,6 +185,19 @@ class Page:
         suggestion = getattr(admission, "suggestion", None)
         largest = (suggestion.width, suggestion.height, suggestion.batch) if suggestion is not None else None
         html = render_vram_bar(snapshot, need_bytes=need, admission=admission, largest=largest, lang=lang)
+        return html, admission.state != "over"
+
+    def _replica_bars(self, replicas: list[dict[str, Any]], request: RunRequest | None,
+                      lang: str) -> tuple[str, bool]:
+        """One bar per replica; the projection on the bar of the replica that would take ``request``."""
+        if not self.engine.ready or request is None:
+            return render_vram_bars(replicas, target=self.engine.target_replica(), lang=lang), self.engine.ready
+        need = int(self.engine.predict_working_bytes(request))
+        admission = self.engine.admit(request)
+        suggestion = getattr(admission, "suggestion", None)
+        largest = (suggestion.width, suggestion.height, suggestion.batch) if suggestion is not None else None
+        html = render_vram_bars(replicas, target=self.engine.target_replica(need), need_bytes=need,
+                                admission=admission, largest=largest, lang=lang)
         return html, admission.state != "over"
 
     def _snapshot(self) -> Any:
