@@ -14,7 +14,7 @@ from gradio_client.exceptions import AppError
 
 from zimage_ui.metadata import read_metadata
 
-from .conftest import wait_until
+from ..support import wait_until
 
 # lang, prompt, negative_prompt, preset, steps, guidance, width, height, seed, random_seed, batch
 FAST = ("en", "a red circle", "", "turbo", None, None, 256, 256, 7, False, 1)

@@ -17,36 +17,17 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from .conftest import free_port, wait_until
+from ..support import serve_app, wait_until
 from .test_client import FAST, SLOW, args, notice_text, statuses
 
 
 @contextlib.contextmanager
 def serve_service(engine: Any, settings: Any) -> Iterator[str]:
     """The whole service app (REST API + page) over ``engine`` on a free loopback port; yields its URL."""
-    import uvicorn
-
     from zimage_ui.service.app import create_app
 
-    app = create_app(settings, engine, history=None, ui=True)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until(lambda: _up(url), timeout=30, interval=0.1)
+    with serve_app(create_app(settings, engine, history=None, ui=True), "healthz") as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def settings_with(engine: Any, **changes: Any) -> Any:
