@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ..paths import ASSETS_DIR
+from ..units import GiB, MiB, gib_text
 
 I18N_DIR = ASSETS_DIR / "i18n"
 LANGUAGES = ("en", "zh")
@@ -56,10 +57,10 @@ def format_bytes(n: int | float, lang: str = "en") -> str:
     """Bytes as the bar's legend shows them: GiB with one decimal (2**30 bytes, the unit nvidia-smi's MiB add up
     to), MiB below 0.95 GiB."""
     n = max(0, int(n))
-    if n >= 2**30 * 0.95:
-        return f"{n / 2**30:.1f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.0f} MiB"
+    if n >= GiB * 0.95:
+        return gib_text(n)
+    if n >= MiB:
+        return f"{n / MiB:.0f} MiB"
     return f"{n / 2**10:.0f} KiB"
 
 
