@@ -138,6 +138,7 @@ def test_request_predicted_not_to_fit_is_refused(engine):
         assert engine.generate({"prompt": "x", "width": 256, "height": 256, "seed": 1}, timeout=60).images
 
 
+@pytest.mark.slow  # 21 s on a loaded 2-core machine
 def test_a_batch_whose_decode_does_not_fit_decodes_fewer_images_at_a_time(engine):
     raw = {"prompt": "a red circle", "width": 512, "height": 512, "batch": 4, "seed": 5}
     request = engine.validate(raw).request

@@ -247,6 +247,7 @@ def test_denoise_oom_is_learned_and_retried_once(engine):
     assert engine.predict_working_bytes(engine.validate(raw).request) >= GiB // 2
 
 
+@pytest.mark.slow  # 24 s on a loaded 2-core machine
 def test_tiles_are_sized_from_the_memory_left_and_a_clear_error_when_nothing_fits(engine):
     raw = {"prompt": "a green triangle", "width": 512, "height": 512, "seed": 3}
     plans: list[DecodePlan] = []

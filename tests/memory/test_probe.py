@@ -418,6 +418,7 @@ def test_nvml_init_failure_is_cached_not_raised(monkeypatch):
 # --- import hygiene and docs --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter: 20 s on a loaded 2-core machine
 def test_import_has_no_side_effects():
     # (torch itself imports pynvml, so "pynvml in sys.modules" proves nothing; nvmlInit not having run does)
     code = "import torch, zimage_ui.memory as m; print(torch.cuda.is_initialized(), m.nvml._state['init'])"

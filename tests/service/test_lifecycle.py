@@ -9,6 +9,7 @@ import sys
 import threading
 
 import httpx
+import pytest
 from PIL import Image
 
 from .helpers import (
@@ -44,6 +45,7 @@ def _wait_running(url: str) -> None:
                "a running job")
 
 
+@pytest.mark.slow  # two server processes: 120 s on a loaded 2-core machine
 def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
     port = free_port()
     proc, url, log = serve_subprocess(tmp_path, "--no-warmup", port=port)
@@ -90,6 +92,7 @@ def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
     assert rows == [("keep me", "ok"), ("a long job", "ok"), ("a long job", "cancelled")]
 
 
+@pytest.mark.slow  # a server process: 122 s on a loaded 2-core machine
 def test_a_drained_server_exits_at_once_with_its_logs_and_history_closed(tmp_path):
     # after the drain the process ends with os._exit: Python's own teardown (1.4-1.9 s on a busy 2-core machine,
     # time a supervisor waits before it can restart us) is skipped, but the log is flushed and the history closed
@@ -118,6 +121,7 @@ def test_a_drained_server_exits_at_once_with_its_logs_and_history_closed(tmp_pat
         assert conn.execute("SELECT prompt, outcome FROM generations").fetchall() == [("a row", "ok")]
 
 
+@pytest.mark.slow  # a CLI process importing torch: 90 s on a loaded 2-core machine
 def test_a_wrong_model_is_one_line_and_exit_2(tmp_path):
     run = subprocess.run([sys.executable, "-m", "zimage_ui.cli", "serve", "--model", str(tmp_path / "nope"),
                           "--port", str(free_port())], capture_output=True, text=True, timeout=120)

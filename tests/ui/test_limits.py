@@ -34,6 +34,7 @@ def settings_with(engine: Any, **changes: Any) -> Any:
     return engine.settings.model_copy(update=changes)
 
 
+@pytest.mark.slow  # 24 s on a loaded 2-core machine
 def test_the_rate_limit_counts_a_clients_page_sessions_and_api_calls_together(demo_engine):
     with serve_service(demo_engine, settings_with(demo_engine, rate_limit_per_minute=2)) as url:
         first, second, third = (Client(url, verbose=False) for _ in range(3))
@@ -51,6 +52,7 @@ def test_the_rate_limit_counts_a_clients_page_sessions_and_api_calls_together(de
                 c.close()
 
 
+@pytest.mark.slow  # 34 s on a loaded 2-core machine
 def test_one_login_with_made_up_sessions_has_one_job(demo_engine):
     settings = settings_with(demo_engine, auth="class:correct-horse")
     with serve_service(demo_engine, settings) as url:
