@@ -186,6 +186,7 @@ def test_bad_imports_are_caught(tmp_path):
     assert used == set(ALLOWED)
 
 
+@pytest.mark.slow  # a fresh interpreter each: 24-27 s on a loaded 2-core machine
 @pytest.mark.parametrize("layer_name", ["engine", "memory"])
 def test_importing_a_lower_layer_loads_no_web_framework(layer_name):
     # every module of the layer, in a fresh interpreter: gradio and fastapi must stay unloaded

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .units import GiB
+
 BENCH_VERSION = 1
-GiB = 2**30
 log = logging.getLogger(__name__)
 
 # One word = one token for the demo/synthetic tokenizer, like the baseline script's 60-word prompt ("w0 … w59").

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .paths import ASSETS_DIR
+from .units import GiB, MiB, gib_text
 
 I18N_DIR = ASSETS_DIR / "i18n"
 LANGUAGES = ("en", "zh")
@@ -124,10 +125,10 @@ def format_bytes(n: int | float, lang: str = DEFAULT_LANGUAGE) -> str:
     """Bytes as people read them: GiB with one decimal (2**30 bytes, the unit nvidia-smi's MiB add up to), MiB
     below 0.95 GiB."""
     n = max(0, int(n))
-    if n >= 2**30 * 0.95:
-        return f"{n / 2**30:.1f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.0f} MiB"
+    if n >= GiB * 0.95:
+        return gib_text(n)
+    if n >= MiB:
+        return f"{n / MiB:.0f} MiB"
     return f"{n / 2**10:.0f} KiB"
 
 

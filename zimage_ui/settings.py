@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .units import GiB, gib_bytes
+
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("zimage_ui_config_file", default=None)
 
 
@@ -166,7 +168,12 @@ class Settings(BaseSettings):
 
     @property
     def memory_margin_bytes(self) -> int:
-        return int(self.memory_margin_gb * 2**30)
+        return int(self.memory_margin_gb * GiB)
+
+    @property
+    def vram_budget_bytes(self) -> int | None:
+        """``vram_budget_gb`` in bytes; None: no budget (0 is refused by the setting's ``gt=0``)."""
+        return gib_bytes(self.vram_budget_gb)
 
 
 class SettingsError(ValueError):

@@ -13,10 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from zimage_ui.memory.probe import MemoryProbe, RawMemory
 from zimage_ui.validation import RunRequest
 
-from .helpers import Gate, LiveServer, demo_settings, held_demo_engine, statuses_until_ready, wait_until
+from ..support import small_machine
+from .helpers import (
+    Gate,
+    LiveServer,
+    demo_settings,
+    held_demo_engine,
+    metric,
+    statuses_until_ready,
+    wait_until,
+)
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
 
@@ -48,15 +56,6 @@ def runner(server):
     if isinstance(runner.fault_hook, Gate):  # a failed test must not leave the next one's job held
         runner.fault_hook.release.set()
     runner.fault_hook = None
-
-
-def metric(http: httpx.Client, name: str) -> float:
-    """One sample's value from /metrics (0 when absent)."""
-    for line in http.get("/metrics").text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == name:
-            return float(value)
-    return 0.0
 
 
 def png_parameters(data: bytes) -> str:
@@ -222,20 +221,7 @@ def test_query_errors_name_the_parameter(http):
     assert r.status_code == 422 and r.json()["field"] == "limit"
 
 
-class SmallMachine:
-    """A memory source for a machine with only ``total`` bytes (this one is too big to fill honestly)."""
-
-    def __init__(self, total: int):
-        self.total = total
-
-    def read(self) -> RawMemory:
-        return RawMemory(kind="cpu", name="small", total=self.total, allocated=0, reserved=0, device_used=0)
-
-    def reset_peak(self) -> None:
-        pass
-
-
-def test_predicted_not_to_fit_is_409_with_the_need(http, server, monkeypatch):
+def test_predicted_not_to_fit_is_409_with_the_need(http, server):
     engine = server.engine
     huge = {"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1}
     small = {"prompt": "x", "seed": 1, **SMALL}
@@ -246,15 +232,15 @@ def test_predicted_not_to_fit_is_409_with_the_need(http, server, monkeypatch):
     # too little even to decode one image at a time
     need_chunked = engine.estimator.predict_chunked(WorkShape(2048, 2048, 4), 1)
     total = engine.weights_bytes() + need_small + engine.settings.memory_margin_bytes + (need_chunked - need_small) // 2
-    monkeypatch.setattr(engine, "probe", MemoryProbe(SmallMachine(total), engine.weights_bytes))
-    r = http.post("/api/v1/generate", json=huge)
-    assert r.status_code == 409
-    body = r.json()
-    assert body["error"] == "insufficient_memory" and body["need_bytes"] == need_huge
-    assert 0 < body["available_bytes"] < need_huge and "too large" in body["message"]
-    assert body["message_code"].startswith("admission.over") and body["message_values"]["need_bytes"] == need_huge
-    assert http.get("/api/v1/vram").json()["total_bytes"] == total
-    assert http.post("/api/v1/generate", json=small).status_code == 200
+    with small_machine(engine, total):
+        r = http.post("/api/v1/generate", json=huge)
+        assert r.status_code == 409
+        body = r.json()
+        assert body["error"] == "insufficient_memory" and body["need_bytes"] == need_huge
+        assert 0 < body["available_bytes"] < need_huge and "too large" in body["message"]
+        assert body["message_code"].startswith("admission.over") and body["message_values"]["need_bytes"] == need_huge
+        assert http.get("/api/v1/vram").json()["total_bytes"] == total
+        assert http.post("/api/v1/generate", json=small).status_code == 200
     assert metric(http, 'zimage_rejections_total{reason="memory"}') >= 1
 
 

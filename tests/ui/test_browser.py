@@ -7,13 +7,15 @@ import re
 
 import pytest
 
-from .conftest import serve_page, small_machine, wait_until
+from zimage_ui.units import GiB
 
-GiB = 2**30
+from ..support import small_machine, wait_until
+from .conftest import serve_page
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,  # a real Chromium: 8-33 s a test on a loaded 2-core machine
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
 ]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -101,7 +103,7 @@ def test_generate_in_the_browser_with_a_clamp_shown_before_queueing(open_page):
 
 def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, demo_engine):
     # 2 GiB in all, 1 GiB in use: the demo estimator's 1536² × 4 can't fit, not even decoding one image at a time
-    with small_machine(demo_engine, total=2 * GiB):
+    with small_machine(demo_engine, total=2 * GiB, used=1 * GiB):
         page = open_page()
         page.click("#size-class label:has-text('1536')")
         page.click("#advanced button")

@@ -215,7 +215,7 @@ class Engine:
         return Path(self.settings.cache_dir) if self.settings.cache_dir else default_cache_dir()
 
     def _budget_bytes(self) -> int | None:
-        return int(self.settings.vram_budget_gb * 2**30) if self.settings.vram_budget_gb else None
+        return self.settings.vram_budget_bytes
 
     def _apply_budget(self, headroom: int, *, init: bool = False) -> None:
         """Size the allocator's cap so the whole process, as nvidia-smi counts it, stays within the budget:
@@ -259,8 +259,8 @@ class Engine:
             return setting
         import torch
 
-        from ..memory.estimator import WorkingMemoryEstimator, WorkShape
-        from ..memory.planner import CUDA_CONTEXT_BYTES, Z_IMAGE_TURBO_BF16, DeviceFacts, plan
+        from ..memory.estimator import WorkShape
+        from ..memory.planner import CUDA_CONTEXT_BYTES, plan_for_device
 
         budget = self._budget_bytes()
         if budget is None:  # the whole card: what other processes (an LLM server) already hold counts against us
@@ -269,11 +269,10 @@ class Engine:
         else:  # the budget holds our CUDA context too (measured before loading) and its growth
             overhead = (self.budget.outside_bytes + self.budget.headroom_bytes if self.budget is not None
                         else CUDA_CONTEXT_BYTES)
-        facts = dataclasses.replace(DeviceFacts.from_torch(device, budget), overhead_bytes=overhead)
         preset = book.presets[book.default]
-        estimator = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
-        self.plan = plan(facts, estimator, WorkShape(preset.width, preset.height),
-                         margin_bytes=self.settings.memory_margin_bytes)
+        self.plan = plan_for_device(device, budget_bytes=budget, overhead_bytes=overhead,
+                                    shape=WorkShape(preset.width, preset.height),
+                                    margin_bytes=self.settings.memory_margin_bytes)
         for line in self.plan.lines():
             log.info("plan: %s", line)
         return self.plan.chosen.name

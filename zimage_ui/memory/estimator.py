@@ -1,6 +1,7 @@
 """Predicted peak working memory of one generation, and whether a request fits (admission).
 
-    >>> from zimage_ui.memory.estimator import GiB, WorkShape, WorkingMemoryEstimator
+    >>> from zimage_ui.memory.estimator import WorkShape, WorkingMemoryEstimator
+    >>> from zimage_ui.units import GiB
     >>> est = WorkingMemoryEstimator.default_for("cuda", weights_bytes=int(19.28 * GiB))
     >>> round(est.predict(WorkShape(1024, 1024)) / GiB, 1)   # H200 baseline measured 2.41 GB
     2.4
@@ -41,18 +42,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from zimage_ui.files import write_atomic
 from zimage_ui.messages import Count, Message
-
-GiB = 2**30
-MiB = 2**20
+from zimage_ui.units import GiB, MiB
 
 # Caption tokens in the transformer's sequence: a 20-word prompt in the chat template is ~40 tokens, padded to a
 # multiple of 32 (SEQ_MULTI_OF); 128 is a generous round figure. It only shifts the denoise branch slightly.
@@ -382,19 +380,8 @@ class WorkingMemoryEstimator:
         return estimator
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write JSON atomically (temp file in the same folder, fsync, ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write JSON atomically (:func:`zimage_ui.files.write_atomic`: temp file beside it, fsync, rename)."""
+        write_atomic(path, json.dumps(self.to_json(), indent=2).encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WorkingMemoryEstimator:

@@ -4,9 +4,9 @@ The engine measures (``zimage_ui.memory``); this module only draws. Everything i
 (``data-segment``, integer ``data-bytes``, ``data-state``) so tests and scripts read the same numbers a user sees.
 
     >>> from zimage_ui.memory.probe import MemorySnapshot
-    >>> GB = 2**30
-    >>> snap = MemorySnapshot("cuda", "H100", "GPU · VRAM", 80 * GB, 20 * GB, 0, 0, 2 * GB, 58 * GB, 0)
-    >>> view = bar_view(snap, need_bytes=3 * GB, state="ok")
+    >>> from zimage_ui.units import GiB
+    >>> snap = MemorySnapshot("cuda", "H100", "GPU · VRAM", 80 * GiB, 20 * GiB, 0, 0, 2 * GiB, 58 * GiB, 0)
+    >>> view = bar_view(snap, need_bytes=3 * GiB, state="ok")
     >>> [(s.name, round(s.percent, 1)) for s in view.segments]
     [('weights', 25.0), ('other', 2.5), ('working', 0.0), ('free', 72.5)]
     >>> round(view.projected_left, 1), round(view.projected_width, 2)
