@@ -6,6 +6,9 @@ a GPU costs more than the arithmetic for a tiny model); what it learns must be w
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -63,3 +66,29 @@ def test_too_long_captions_are_refused(parts):
     long_mask = torch.ones(long_hidden.shape[:2], dtype=torch.bool)
     with pytest.raises(ValueError, match="pad to different lengths"):
         batched_forward(tr, latents, t, long_hidden, long_mask)
+
+
+@pytest.mark.slow
+def test_continuing_with_guidance_distillation_keeps_the_vae_and_trains_the_rest(tmp_path, trained_demo):
+    """``--init FILE --distill-guidance W``: the VAE and its latent scaling come from FILE unchanged (the transformer
+    learnt in that latent space); the transformer moves towards the frozen copy's guided prediction."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from zimage_ui.models.demo_train import TrainConfig, train
+
+    log = train(TrainConfig(out=tmp_path, init=str(trained_demo), distill_guidance=3.0, samples=64, dit_steps=2,
+                            dit_batch=4, eval_prompts=2, eval_cfg_prompts=1, time_budget_s=0, workers=1,
+                            device="cpu"))
+    assert log["init"] == str(trained_demo) and log["vae_steps"] == 0 and log["distill_guidance"] == 3.0
+    assert log["dit_steps"] == 2 and math.isfinite(log["dit_final_loss"])
+    before, after = load_file(str(trained_demo)), load_file(str(tmp_path / "demo.safetensors"))
+    vae = [k for k in before if k.startswith("vae.")]
+    assert vae and all(torch.equal(before[k], after[k]) for k in vae)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("transformer."))
+    metas = []
+    for path in (trained_demo, tmp_path / "demo.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            metas.append(json.loads(f.metadata()["vae"]))
+    assert (metas[1]["shift_factor"], metas[1]["scaling_factor"]) == (metas[0]["shift_factor"],
+                                                                       metas[0]["scaling_factor"])
