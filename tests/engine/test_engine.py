@@ -7,7 +7,7 @@ import pytest
 
 from zimage_ui.engine.engine import Engine, EngineState
 from zimage_ui.engine.jobs import JobCancelled, JobState, MemoryRefused, NotReady
-from zimage_ui.memory.probe import MemoryProbe, RawMemory
+from zimage_ui.memory.probe import RawMemory
 from zimage_ui.settings import Settings
 from zimage_ui.validation import RequestError
 
@@ -32,7 +32,7 @@ def test_demo_model_is_ready_and_says_so(engine):
     assert engine.ready and info["is_demo"] and "demo" in info["label"]
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert engine.presets().presets["turbo"].width == 256  # the demo model's default: what it is trained for
-    assert engine.timer.known  # warm-up measured this machine's step time
+    assert engine.test_seam().timer.known  # warm-up measured this machine's step time
 
 
 def test_same_seed_same_pixels_and_files_saved(engine):
@@ -75,11 +75,11 @@ def test_progress_per_step(engine):
 
 
 def test_prompt_cache_skips_the_text_encoder(engine):
-    hits = engine.prompt_cache.hits
+    hits = engine.model_info()["prompt_cache"]["hits"]
     for seed in (1, 2):
         engine.generate({"prompt": "a unique prompt for caching", "width": 256, "height": 256, "seed": seed},
                         timeout=60)
-    assert engine.prompt_cache.hits == hits + 1
+    assert engine.model_info()["prompt_cache"]["hits"] == hits + 1
 
 
 def test_cancel_running_job_stops_at_next_step(engine):
@@ -90,8 +90,7 @@ def test_cancel_running_job_stops_at_next_step(engine):
         seen.append(request.steps)
         gate.wait(5)
 
-    engine.runners["turbo"].fault_hook = hook
-    try:
+    with engine.test_seam().fault(hook):
         job = engine.submit({"prompt": "x", "width": 256, "height": 256, "seed": 1})
         queued = engine.submit({"prompt": "y", "width": 256, "height": 256, "seed": 2})
         while not seen:
@@ -104,8 +103,6 @@ def test_cancel_running_job_stops_at_next_step(engine):
         with pytest.raises(JobCancelled):
             job.wait(30)
         assert job.step < 8
-    finally:
-        engine.runners["turbo"].fault_hook = None
     assert engine.generate({"prompt": "after", "width": 256, "height": 256, "seed": 1}, timeout=60).images
 
 
@@ -143,17 +140,13 @@ def test_request_predicted_not_to_fit_is_refused(engine):
     margin = engine.settings.memory_margin_bytes
     assert need_huge > need_huge_chunked > need_small > 0
     total = engine.weights_bytes() + need_small + margin + (need_huge_chunked - need_small) // 2
-    real_probe = engine.probe
-    engine.probe = MemoryProbe(SmallMachine(total), engine.weights_bytes)
-    try:
+    with engine.test_seam().fake_memory(SmallMachine(total)):
         assert engine.admit(small).state == "ok"
         refused = engine.admit(huge)
         assert refused.state == "over" and refused.need_bytes == need_huge
         with pytest.raises(MemoryRefused, match="too large"):
             engine.submit({"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1})
         assert engine.generate({"prompt": "x", "width": 256, "height": 256, "seed": 1}, timeout=60).images
-    finally:
-        engine.probe = real_probe
 
 
 def test_a_batch_whose_decode_does_not_fit_decodes_fewer_images_at_a_time(engine):
@@ -164,15 +157,11 @@ def test_a_batch_whose_decode_does_not_fit_decodes_fewer_images_at_a_time(engine
     margin = engine.settings.memory_margin_bytes
     total = engine.weights_bytes() + one + margin + (full - one) // 4  # room for one image's decode, not four
     expected = engine.generate(raw, timeout=120)  # the whole batch decoded at once
-    real_probe = engine.probe
-    engine.probe = MemoryProbe(SmallMachine(total), engine.weights_bytes)
-    try:
+    with engine.test_seam().fake_memory(SmallMachine(total)):
         admission = engine.admit(request)
         assert admission.state == "ok" and 1 <= admission.decode_batch < 4, admission
         assert "decodes" in admission.message
         result = engine.generate(raw, timeout=120)
-    finally:
-        engine.probe = real_probe
     assert result.seeds == [5, 6, 7, 8] and len(result.images) == 4
     for a, b in zip(result.images, expected.images, strict=True):  # the same pictures, decoded in chunks
         np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zimage_ui.memory.probe import MemoryProbe, RawMemory
+from zimage_ui.memory.probe import RawMemory
 from zimage_ui.validation import RunRequest
 
 from .helpers import Gate, LiveServer, demo_settings, held_demo_engine, statuses_until_ready, wait_until
@@ -43,7 +43,7 @@ def http(server):
 
 @pytest.fixture
 def runner(server):
-    runner = server.engine.runners["turbo"]
+    runner = server.engine.test_seam()
     yield runner
     if isinstance(runner.fault_hook, Gate):  # a failed test must not leave the next one's job held
         runner.fault_hook.release.set()
@@ -222,7 +222,7 @@ class SmallMachine:
         pass
 
 
-def test_predicted_not_to_fit_is_409_with_the_need(http, server, monkeypatch):
+def test_predicted_not_to_fit_is_409_with_the_need(http, server):
     engine = server.engine
     huge = {"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1}
     small = {"prompt": "x", "seed": 1, **SMALL}
@@ -233,15 +233,15 @@ def test_predicted_not_to_fit_is_409_with_the_need(http, server, monkeypatch):
     # too little even to decode one image at a time
     need_chunked = engine.estimator.predict_chunked(WorkShape(2048, 2048, 4), 1)
     total = engine.weights_bytes() + need_small + engine.settings.memory_margin_bytes + (need_chunked - need_small) // 2
-    monkeypatch.setattr(engine, "probe", MemoryProbe(SmallMachine(total), engine.weights_bytes))
-    r = http.post("/api/v1/generate", json=huge)
-    assert r.status_code == 409
-    body = r.json()
-    assert body["error"] == "insufficient_memory" and body["need_bytes"] == need_huge
-    assert 0 < body["available_bytes"] < need_huge and "too large" in body["message"]
-    assert http.get("/api/v1/vram").json()["total_bytes"] == total
-    assert http.post("/api/v1/generate", json=small).status_code == 200
-    assert metric(http, 'zimage_rejections_total{reason="memory"}') >= 1
+    with engine.test_seam().fake_memory(SmallMachine(total)):
+        r = http.post("/api/v1/generate", json=huge)
+        assert r.status_code == 409
+        body = r.json()
+        assert body["error"] == "insufficient_memory" and body["need_bytes"] == need_huge
+        assert 0 < body["available_bytes"] < need_huge and "too large" in body["message"]
+        assert http.get("/api/v1/vram").json()["total_bytes"] == total
+        assert http.post("/api/v1/generate", json=small).status_code == 200
+        assert metric(http, 'zimage_rejections_total{reason="memory"}') >= 1
 
 
 # --- overload, disconnect -----------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_overload_gets_only_200_and_503_with_retry_after(server, http, runner):
         t.start()
     # one runs (held at its first step), max_queue=2 wait, the other 7 are refused at once
     wait_until(lambda: gate.entered.is_set() and len(results) == 7, 60, what="7 refusals")
-    assert server.engine.worker.depth == 2
+    assert server.engine.test_seam().depth == 2
     assert http.get("/readyz").status_code == 200  # overloaded is not unready
     gate.release.set()
     for t in threads:
@@ -289,11 +289,11 @@ def test_client_disconnect_cancels_its_job(server, http, runner):
     holder = threading.Thread(target=running_client, daemon=True)
     holder.start()
     assert gate.entered.wait(30)
-    held = server.engine.worker.running
+    held = server.engine.test_seam().running
     # a second client queues behind it, then gives up: its queued job must leave the queue
     with pytest.raises(httpx.ReadTimeout), server.client(timeout=1.5) as c:
         c.post("/api/v1/generate", json={"prompt": "impatient", **SMALL})
-    wait_until(lambda: server.engine.worker.depth == 0, 10, what="queued job cancelled")
+    wait_until(lambda: server.engine.test_seam().depth == 0, 10, what="queued job cancelled")
     assert metric(http, 'zimage_jobs_total{outcome="cancelled"}') == cancelled + 1
     gate.release.set()
     holder.join(60)
@@ -314,7 +314,7 @@ def test_client_disconnect_cancels_its_job(server, http, runner):
     t = threading.Thread(target=drop, daemon=True)
     t.start()
     assert gate2.entered.wait(30)
-    job = server.engine.worker.running
+    job = server.engine.test_seam().running
     t.join(10)
     wait_until(lambda: job.cancel_requested, 10, what="cancel requested")
     gate2.release.set()

@@ -83,15 +83,9 @@ class SmallMachine:
 @contextlib.contextmanager
 def small_machine(engine: Any, **kwargs: Any) -> Iterator[SmallMachine]:
     """Swap the engine's memory source for a :class:`SmallMachine` for the duration."""
-    from zimage_ui.memory.probe import MemoryProbe
-
     source = SmallMachine(**kwargs)
-    real = engine.probe
-    engine.probe = MemoryProbe(source, engine.weights_bytes)
-    try:
+    with engine.test_seam().fake_memory(source):
         yield source
-    finally:
-        engine.probe = real
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ def test_closing_the_tab_cancels_its_job_within_two_seconds(open_page, demo_engi
     page.click("#size-class label:has-text('512')")  # 50 steps at 512²: short steps, so the cancel lands quickly
     page.click("#generate-btn")
     page.wait_for_selector("#status:has-text('Step')", timeout=60_000)
-    job = demo_engine.worker.running
+    job = demo_engine.test_seam().running
     assert job is not None and job.request.steps == 50
     closed = time.monotonic()
     page.close()
@@ -161,13 +161,13 @@ def test_a_closed_tab_whose_unload_never_arrives_still_loses_its_queued_job(open
     page.reload()
     page.wait_for_function("() => !document.querySelector('#generate-btn')?.disabled", timeout=30_000)
     hold, held = threading.Event(), threading.Event()
-    demo_engine.worker.call(lambda: (held.set(), hold.wait(30)))  # the GPU busy: the job waits in the queue
+    demo_engine.test_seam().worker.call(lambda: (held.set(), hold.wait(30)))  # the GPU busy: the job waits in the queue
     try:
         held.wait(10)
         page.fill("#prompt textarea", "a queued one")
         page.click("#generate-btn")
         page.wait_for_selector("#status:has-text('In the queue')", timeout=30_000)
-        job = demo_engine.worker._queue[0]
+        job = demo_engine.test_seam().waiting()[0]
         closed = time.monotonic()
         page.close()
         wait_until(lambda: job.done, timeout=10)

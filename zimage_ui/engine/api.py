@@ -10,13 +10,16 @@ nothing else: no ``engine.worker``, ``engine.model``, ``engine.runners``.
     True
 
 The benchmark programme needs more (the pipeline, the estimator, unloading on demand): ``BenchAPI`` names that
-extension, so what only a benchmark may touch is written down in one place.
+extension, so what only a benchmark may touch is written down in one place. Tests that must reach inside (inject a
+fault, hold the queue, fake the device's memory) go through ``Engine.test_seam()`` (``engine/seam.py``), the one
+documented way in; ``tests/test_face.py`` checks that the doors use nothing outside these protocols.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:  # the types only; importing this module loads no torch
     from ..presets import PresetBook
     from ..validation import GenerationRequest, RunRequest, Validated
     from .jobs import EngineError, Job, JobResult, JobStatus
+    from .warmup import WarmupStep
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class EngineAPI(Protocol):
     def queue_info(self) -> QueueInfo: ...
 
     # --- memory -----------------------------------------------------------------------------------------------
-    def memory_snapshot(self) -> MemorySnapshot: ...
+    def memory_snapshot(self) -> MemorySnapshot: ...  # raises NotReady before the model is loaded
 
     def gpu_stats(self) -> GpuStats | None: ...
 
@@ -90,6 +94,10 @@ class EngineAPI(Protocol):
 
     # --- what it is -------------------------------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]: ...
+    # id, label, is_demo, trained_demo (the demo model that draws the shapes world), banner, device, dtype,
+    # base_model, load/warm-up/ready seconds, stages, placement, plan, acceleration, estimator, allocator, budget
+    # (a dict, or None), cache releases, oom_events, oom_recovered, idle unload counters, prompt_cache, state, reason.
+    # Plain JSON values: /api/v1/info shows it as is, metrics and the page read it.
 
     # --- hooks (history, metrics) -----------------------------------------------------------------------------
     def add_result_hook(self, hook: Callable[[Job, JobResult], None]) -> None: ...
@@ -101,17 +109,40 @@ class EngineAPI(Protocol):
 
 @runtime_checkable
 class BenchAPI(EngineAPI, Protocol):
-    """The benchmark's extension of the face (``zimage-ui bench``): only ``bench.py`` and ``bench_memory.py`` use it."""
+    """The benchmark's extension of the face (``zimage-ui bench``): only ``bench.py`` and ``bench_memory.py`` use it.
+
+    The bench measures the pipeline directly and the engine's memory machinery from inside, so it may read these
+    (documented, public) parts of the in-process engine; a door may not."""
 
     @property
-    def settings(self) -> Any: ...
+    def settings(self) -> Any: ...  # settings.Settings (the bench turns save_images / keep_cache off for a sweep)
 
     @property
     def model(self) -> Any: ...  # models.loading.LoadedModel: the pipeline a direct call measures
 
     @property
-    def estimator(self) -> Any: ...
+    def estimator(self) -> Any: ...  # memory.estimator.WorkingMemoryEstimator
 
-    def unload(self) -> None: ...
+    @property
+    def estimator_path(self) -> Any: ...  # pathlib.Path of the saved calibration (CUDA), or None
+
+    @property
+    def placement(self) -> Any: ...  # engine.placement.AppliedPlacement, None before start
+
+    @property
+    def allocator(self) -> Any: ...  # memory.allocator.AllocatorControl, None before start
+
+    @property
+    def warmup_runs(self) -> list[dict[str, Any]]: ...  # what warm-up ran: shape, purpose, peak, seconds
+
+    def warmup_plan(self) -> list[WarmupStep]: ...  # what warm-up runs (engine/warmup.py), once loaded
+
+    def weights_bytes(self) -> int: ...
+
+    def available_working_bytes(self) -> int: ...
+
+    def on_worker(self, fn: Callable[[], Any]) -> Future[Any]: ...  # run ``fn`` on the worker thread, in queue order
+
+    def unload(self) -> None: ...  # on the worker thread only: ``engine.on_worker(engine.unload).result()``
 
     def release_cache(self, why: str) -> int: ...

@@ -19,14 +19,14 @@ import math
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from ..engine.jobs import ClientBusy, EngineError, Job, JobState, MemoryRefused, NotReady, QueueFull
+from ..engine.jobs import EngineError, Job, JobState, NotReady, error_kind
 from ..limits import Client, DoorLimits
 from ..models.shapes_world import EXAMPLE_PROMPTS
 from ..paths import ASSETS_DIR
@@ -35,6 +35,9 @@ from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
 from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, strings, t
 from .vram import render_vram_bar
+
+if TYPE_CHECKING:
+    from ..engine.api import EngineAPI
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class Widgets:
 class Page:
     """One page (Blocks) over one engine; every browser tab is a session of it."""
 
-    def __init__(self, engine: Any, settings: Any, limits: DoorLimits | None = None):
+    def __init__(self, engine: EngineAPI, settings: Any, limits: DoorLimits | None = None):
         self.engine = engine
         self.settings = settings
         # shared with the REST API when the service mounts the page: one client, one count, whichever door
@@ -123,13 +126,10 @@ class Page:
 
     def _knows_shapes(self) -> bool:
         """Whether the loaded model is the trained demo model (it draws the shapes world's prompts)."""
-        from ..models.demo import is_trained
-
-        return self._is_demo() and is_trained(self.engine.model.pipe)
+        return bool(self.engine.model_info().get("trained_demo"))
 
     def _is_demo(self) -> bool:
-        model = getattr(self.engine, "model", None)
-        return bool(model is not None and model.is_demo)
+        return bool(self.engine.model_info().get("is_demo"))
 
     def _default_preset(self) -> Any:
         book = self.engine.presets()
@@ -180,10 +180,10 @@ class Page:
         return html, admission.state != "over"
 
     def _snapshot(self) -> Any:
-        if getattr(self.engine, "probe", None) is None:
-            return None
         try:
             return self.engine.memory_snapshot()
+        except NotReady:  # nothing loaded yet: the bar says "not available"
+            return None
         except Exception:  # a failed reading must not break the page; the bar says "not available"
             log.exception("memory snapshot failed")
             return None
@@ -311,7 +311,7 @@ class Page:
 
     def title_html(self, lang: str) -> str:
         """Title, subtitle and the model line (model, device, dtype; or why it is not ready)."""
-        info = self.engine.model_info() if self.engine.model is not None else {}
+        info = self.engine.model_info()
         if self.engine.ready:
             model = t(lang, "model_line", model=info.get("label") or "", device=info.get("device") or "",
                       dtype=info.get("dtype") or "")
@@ -423,14 +423,8 @@ class Page:
             yield from refuse(w, t(lang, "rate_limited", n=self.limits.per_minute, retry=f"{math.ceil(wait_s)}"))
         try:
             job = self.engine.submit(validated, owner=owner)
-        except ClientBusy:
-            yield from refuse(w, t(lang, "busy"))
-        except QueueFull as exc:
-            yield from refuse(w, t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}"))
-        except MemoryRefused as exc:
-            yield from refuse(w, t(lang, "memory_refused", message=exc.admission.message))
-        except (NotReady, EngineError) as exc:
-            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
+        except EngineError as exc:
+            yield from refuse(w, refusal_text(exc, lang))
         changed = threading.Event()
         job.on_change(lambda _job: changed.set())
         self._track(session, job)
@@ -733,6 +727,22 @@ def merge_updates(out: dict[Any, Any], more: dict[Any, Any]) -> dict[Any, Any]:
     return out
 
 
+# What the page says when the engine refuses a job, by the error's kind (engine.jobs.error_kind, the same kinds the
+# API's table and the metrics map from): the message key and its values. Any other kind: "not ready: why".
+_REFUSALS: dict[str, Callable[[Any], tuple[str, dict[str, Any]]]] = {
+    "client_busy": lambda exc: ("busy", {}),
+    "queue_full": lambda exc: ("queue_full", {"depth": exc.depth, "retry": f"{exc.retry_after_s:.0f}"}),
+    "memory": lambda exc: ("memory_refused", {"message": exc.admission.message}),
+}
+
+
+def refusal_text(exc: EngineError, lang: str) -> str:
+    """The page's line for a refused submission, in ``lang``."""
+    make = _REFUSALS.get(error_kind(exc), lambda e: ("status_not_ready", {"reason": str(e)}))
+    key, values = make(exc)
+    return t(lang, key, **values)
+
+
 def refuse(w: Widgets, message: str) -> Iterator[dict[Any, Any]]:
     """A job that was not started: the status line says why, and the event ends in an error (a toast in the
     browser, an exception in gradio_client), not in a result that looks like success."""
@@ -752,7 +762,7 @@ def notice_update(text: str) -> Any:
     return gr.update(value=text, visible=bool(text))
 
 
-def build_page(engine: Any, settings: Any, limits: DoorLimits | None = None) -> gr.Blocks:
+def build_page(engine: EngineAPI, settings: Any, limits: DoorLimits | None = None) -> gr.Blocks:
     """The page's Blocks, queue configured (``api_open=False``: no way around the queue). ``limits``: the
     service's, so that the page and the API count one client together (None: the page's own)."""
     demo = Page(engine, settings, limits).build()
@@ -760,7 +770,7 @@ def build_page(engine: Any, settings: Any, limits: DoorLimits | None = None) -> 
     return demo
 
 
-def mount_page(app: Any, engine: Any, settings: Any, path: str = "/", limits: DoorLimits | None = None) -> None:
+def mount_page(app: Any, engine: EngineAPI, settings: Any, path: str = "/", limits: DoorLimits | None = None) -> None:
     """Serve the page on a FastAPI app: our CSS, no links out of a kiosk, outputs readable by the gallery."""
     from ..users import gradio_auth
 
