@@ -46,9 +46,10 @@ def test_a_runtime_before_and_after_start():
     from zimage_ui.engine.engine import Engine
 
     engine = Engine(Settings(model="demo", save_images=False))
-    assert (engine.model, engine.placement, engine.load_seconds, engine.stage_seconds) == (None, None, 0.0, {})
+    info = engine.model_info()
+    assert (engine.model, engine.placement, info["load_seconds"], info["stages"]) == (None, None, 0.0, {})
     runtime = Runtime(model=types.SimpleNamespace(is_demo=True), book=load_presets(), load_seconds=1.5)
     engine.test_seam().runtime = runtime
-    assert engine.model is runtime.model and engine.load_seconds == 1.5 and engine.book is runtime.book
+    assert engine.model is runtime.model and engine.presets() is runtime.book
     with pytest.raises(AttributeError):
         engine.model = None  # what start-up built is read, never set from outside
