@@ -86,6 +86,8 @@ def test_latents_are_saved_then_compared(report):
     first, second, _ = report
     assert first["latents"]["shape"] == [1, 16, 32, 32]
     assert second["latents"]["cosine"] == pytest.approx(1.0) and second["latents"]["finite"]
+    # the same model twice: every seed's image identical (no PSNR), and all 8 seeds compared
+    assert second["latents"]["seeds"] == 8 and second["latents"]["identical_images"] == 8
     assert "direct" not in second and "during_job" not in second["vram_bar"]  # --quick
 
 

@@ -79,6 +79,8 @@ class BenchOptions:
     idle_test: bool = False
     components: bool = False
     http: bool = False
+    concurrency: int = 0  # with http: this many clients at once
+    latent_seeds: int = 8
     quick: bool = False  # skip the direct pipeline call and the VRAM-bar sampling (budget runs)
     latents: Path | None = None
     baseline: Path | None = None
@@ -287,9 +289,10 @@ def _idle_test(engine: BenchAPI, raw: dict[str, Any]) -> dict[str, Any]:
             "nvml_used_unloaded_bytes": (after.nvml or {}).get("device_used_bytes")}
 
 
-def _http(engine: BenchAPI, base: dict[str, Any], runs: int) -> dict[str, Any]:
+def _http(engine: BenchAPI, base: dict[str, Any], runs: int, concurrency: int = 0) -> dict[str, Any]:
     """The REST service (no web UI: it is not on this path) on a loopback port over ``engine``; client-side
-    seconds from POST /api/v1/generate to the whole PNG answer, new prompt each run, then the same prompt."""
+    seconds from POST /api/v1/generate to the whole PNG answer, new prompt each run, then the same prompt; with
+    ``concurrency``, that many clients at once (:func:`_concurrent`)."""
     import httpx
     import uvicorn
 
@@ -321,8 +324,12 @@ def _http(engine: BenchAPI, base: dict[str, Any], runs: int) -> dict[str, Any]:
                 return seconds
 
             post(bench_prompt(599), 599)  # the first request on a new connection and route
+            t0 = time.perf_counter()
             out["new_prompt"] = _stats([post(bench_prompt(600 + i), 600 + i) for i in range(runs)])
+            out["sequential_images_per_s"] = round(runs / (time.perf_counter() - t0), 4)
             out["same_prompt"] = _stats([post(bench_prompt(200), 700 + i) for i in range(runs)])
+        if concurrency > 0:
+            out["concurrent"] = _concurrent(engine, url, base, concurrency, out["sequential_images_per_s"])
         return out
     finally:
         server.should_exit = True
@@ -330,6 +337,78 @@ def _http(engine: BenchAPI, base: dict[str, Any], runs: int) -> dict[str, Any]:
         history = app.state.history
         if history is not None:
             history.close()
+
+
+def _pixels_digest(png: bytes) -> str:
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return hashlib.sha256(im.tobytes()).hexdigest()
+
+
+def _concurrent(engine: BenchAPI, url: str, base: dict[str, Any], clients: int, sequential_rate: float,
+                per_client: int = 3) -> dict[str, Any]:
+    """``clients`` HTTP clients at once, ``per_client`` requests each, new prompts (the prompt cache is cleared
+    first): images per second against one client's sequential rate. Two of the requests were first made alone;
+    their pixels must come back identical from the crowd."""
+    import httpx
+
+    alone = [(bench_prompt(900 + k), 900 + k) for k in range(2)]
+    engine.prompt_cache.clear()
+
+    def post(client: Any, prompt: str, seed: int) -> bytes:
+        answer = client.post("/api/v1/generate", json={**base, "prompt": prompt, "seed": seed})
+        if answer.status_code != 200:
+            raise RuntimeError(f"POST /api/v1/generate answered {answer.status_code}: {answer.text[:300]}")
+        return answer.content
+
+    with httpx.Client(base_url=url, timeout=3600) as client:
+        reference = {key: _pixels_digest(post(client, *key)) for key in alone}
+    engine.prompt_cache.clear()
+    plans = [[(bench_prompt(1000 + c * per_client + i), 1000 + c * per_client + i) for i in range(per_client)]
+             for c in range(clients)]
+    for k, key in enumerate(alone):  # the second request of clients 0 and 1: in the middle of the crowd
+        plans[k % clients][min(1, per_client - 1)] = key
+    digests: dict[tuple[str, int], str] = {}
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def client_run(plan: list[tuple[str, int]]) -> None:
+        with httpx.Client(base_url=url, timeout=3600) as client:
+            start.wait()
+            for key in plan:
+                t0 = time.perf_counter()
+                try:
+                    png = post(client, *key)
+                except Exception as exc:  # counted, not raised: the report says how many failed
+                    with lock:
+                        errors.append(str(exc)[:200])
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    if key in reference:
+                        digests[key] = _pixels_digest(png)
+
+    threads = [threading.Thread(target=client_run, args=(plan,), daemon=True) for plan in plans]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    done = len(latencies)
+    rate = done / wall if wall > 0 else 0.0
+    return {"clients": clients, "requests": clients * per_client, "answered": done, "errors": errors[:5],
+            "wall_s": round(wall, 3), "images_per_s": round(rate, 4),
+            "ratio_to_sequential": round(rate / sequential_rate, 3) if sequential_rate else None,
+            "latency": _stats(latencies) if latencies else None,
+            "same_pixels_as_alone": all(digests.get(k) == v for k, v in reference.items()),
+            "checked": len(digests)}
 
 
 def _cuda_ms(fn, repeats: int = 5) -> float:
@@ -360,20 +439,32 @@ def _components(engine: BenchAPI, width: int, height: int) -> dict[str, Any]:
     vae = pipe.vae
     out: dict[str, Any] = {"width": width, "height": height}
     prompt = bench_prompt(700)
+    from .engine.runner import encode_prompt
+
     with torch.no_grad():
-        out["encode_ms"] = _cuda_ms(lambda: pipe._encode_prompt(prompt=[prompt], device=device))
+        out["encode_pipeline_ms"] = _cuda_ms(lambda: pipe._encode_prompt(prompt=[prompt], device=device))
+        out["encode_ms"] = _cuda_ms(lambda: encode_prompt(pipe, prompt, device))  # ours: as the runner does
+        out["encode_128_tokens_ms"] = _cuda_ms(lambda: encode_prompt(pipe, prompt, device, max_sequence_length=128))
         latents = torch.randn(1, 16, height // 8, width // 8, device=device, dtype=vae.dtype)
 
         def decode(decoder: Any) -> Any:
             # Z-Image's VAE has no post-quant conv: decode() is the decoder on the rescaled latents
             return decoder(latents / vae.config.scaling_factor + vae.config.shift_factor)
 
-        out["vae_decode_eager_ms"] = _cuda_ms(lambda: decode(vae.decoder))
+        gate = getattr(vae.decoder, "_compiled_call_impl", None)
+        if gate is not None and hasattr(gate, "shapes"):  # the engine's static compile (compile_vae)
+            out["vae_decode_engine_ms"] = _cuda_ms(lambda: decode(vae.decoder))
+            out["vae_gate_calls"] = dict(gate.calls)
+        out["vae_decode_eager_ms"] = _cuda_ms(lambda: _without_compiled([vae.decoder], lambda: decode(vae.decoder)))
         image = (decode(vae.decoder) / 2 + 0.5).clamp(0, 1)
         out["to_pil_diffusers_ms"] = _cuda_ms(
             lambda: pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(image)))
         out["to_pil_on_device_ms"] = _cuda_ms(lambda: to_pil(image))
+        out["png"] = _png_levels(to_pil(image)[0])
+        out["transformer_pass_top_kernels"] = _profile_pass(engine, width, height)
         try:
+            if gate is not None:  # compiled already (above); the channels-last eager figure needs it off
+                raise RuntimeError("skipped: the engine compiled the decoder (vae_decode_engine_ms)")
             compiled = torch.compile(vae.decoder)
             t0 = time.perf_counter()
             decode(compiled)
@@ -389,26 +480,98 @@ def _components(engine: BenchAPI, width: int, height: int) -> dict[str, Any]:
     return out
 
 
-def _latents(engine: BenchAPI, raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Final latents for seed 0 at the preset size: saved to ``path`` if absent, else compared (cosine)."""
+def _without_compiled(modules: list[Any], fn: Any) -> Any:
+    """``fn()`` with the compiled calls of ``modules`` switched off (eager), restored after."""
+    saved = [(m, m._compiled_call_impl) for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        return fn()
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
+
+
+def _png_levels(image: Any) -> dict[str, Any]:
+    """Milliseconds and bytes of the PNG encode (metadata included) at ISA-L levels 0-3 for one decoded image."""
+    from .metadata import encode_png, png_info
+    from .validation import RunRequest
+
+    info = png_info(RunRequest("x", "", "turbo", 8, 0.0, image.width, image.height, 0, 1), seed=0, model="bench")
+    out = {}
+    for level in (0, 1, 2, 3):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            data = encode_png(image, info, level)
+            times.append(time.perf_counter() - t0)
+        out[f"level{level}"] = {"ms": round(1e3 * statistics.median(times), 2), "bytes": len(data)}
+    return out
+
+
+def _profile_pass(engine: BenchAPI, width: int, height: int, top: int = 12) -> list[dict[str, Any]]:
+    """The CUDA kernels of one transformer pass (a 1-step generation to latents, its prompt encode included), by
+    GPU time: what SDPA really runs, and where the rest goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = engine.model.pipe
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pipe(prompt=[bench_prompt(701)], height=height, width=width, num_inference_steps=1, guidance_scale=0.0,
+                 generator=torch.Generator("cuda").manual_seed(0), output_type="latent")
+            _sync()
+        rows = []
+        for e in prof.key_averages():
+            ms = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if ms:
+                rows.append({"name": e.key[:120], "ms": round(ms / 1e3, 3), "calls": e.count})
+        rows.sort(key=lambda r: -r["ms"])
+        total = round(sum(r["ms"] for r in rows), 2)
+        return [{"name": "ALL KERNELS", "ms": total, "calls": sum(r["calls"] for r in rows)}] + rows[:top]
+    except Exception as exc:  # report, don't fail the benchmark
+        return [{"name": f"profile failed: {type(exc).__name__}: {str(exc)[:200]}", "ms": 0, "calls": 0}]
+
+
+def _latents(engine: BenchAPI, raw: dict[str, Any], path: Path, seeds: int = 8) -> dict[str, Any]:
+    """Final latents and decoded images for seeds ``0 … seeds−1`` at the preset size: saved to ``path`` if absent,
+    else compared with the saved ones — latents cosine and relative L2, image PSNR (dB, 8-bit), per seed and the
+    worst. Run bf16 first, then fp8 with the same file, to measure what fp8 changes."""
+    import numpy as np
     import torch
 
     pipe = engine.model.pipe
     device = engine.model.device
-    with torch.no_grad():
-        latents = pipe(prompt=[raw["prompt"]], height=raw["height"], width=raw["width"],
-                       num_inference_steps=raw["steps"], guidance_scale=0.0,
-                       generator=torch.Generator(device.type).manual_seed(0), output_type="latent").images
-    latents = latents.float().cpu()
+    runner = engine.runners["turbo"]
+    all_latents, all_images = [], []
+    for seed in range(seeds):
+        with torch.no_grad():
+            latents = pipe(prompt=[raw["prompt"]], height=raw["height"], width=raw["width"],
+                           num_inference_steps=raw["steps"], guidance_scale=0.0,
+                           generator=torch.Generator(device.type).manual_seed(seed), output_type="latent").images
+        all_images.append(np.asarray(runner._decode(latents, None)[0]))
+        all_latents.append(latents.float().cpu())
+    latents = torch.stack(all_latents)
+    images = torch.from_numpy(np.stack(all_images))
     if not Path(path).exists():
-        torch.save(latents, path)
-        return {"saved": str(path), "shape": list(latents.shape)}
-    reference = torch.load(path)
-    a, b = latents.flatten(), reference.flatten()
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    rel = float((a - b).norm() / b.norm())
-    return {"compared_with": str(path), "cosine": round(cosine, 6), "relative_l2": round(rel, 6),
-            "finite": bool(torch.isfinite(a).all())}
+        torch.save({"latents": latents, "images": images}, path)
+        return {"saved": str(path), "shape": list(latents.shape[1:]), "seeds": seeds}
+    saved = torch.load(path)
+    reference, ref_images = saved["latents"], saved["images"]
+    rows = []
+    for seed in range(min(seeds, len(reference))):
+        a, b = latents[seed].flatten().double(), reference[seed].flatten().double()
+        mse = float(((images[seed].float() - ref_images[seed].float()) ** 2).mean())
+        rows.append({"seed": seed, "cosine": round(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), 6),
+                     "relative_l2": round(float((a - b).norm() / b.norm()), 6),
+                     "psnr_db": round(10 * math.log10(255.0**2 / mse), 2) if mse > 0 else None})
+    psnrs = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
+    return {"compared_with": str(path), "seeds": len(rows), "cosine": min(r["cosine"] for r in rows),
+            "cosine_mean": round(statistics.mean(r["cosine"] for r in rows), 6),
+            "relative_l2": max(r["relative_l2"] for r in rows),
+            "psnr_db_min": min(psnrs) if psnrs else None, "psnr_db_mean": round(statistics.mean(psnrs), 2)
+            if psnrs else None, "identical_images": sum(r["psnr_db"] is None for r in rows),
+            "finite": bool(torch.isfinite(latents).all()), "per_seed": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -536,7 +699,8 @@ def _programme(engine: BenchAPI, options: BenchOptions, wall_ready: float) -> di
     if options.components and engine.model.device.type == "cuda":
         report["components"] = _components(engine, width, height)
     if options.latents is not None:
-        report["latents"] = _latents(engine, {**base, "prompt": bench_prompt(200)}, options.latents)
+        report["latents"] = _latents(engine, {**base, "prompt": bench_prompt(200)}, options.latents,
+                                     options.latent_seeds)
     saving = engine.settings.save_images
     engine.settings.save_images = False  # the sweep and soak measure memory; PNG files would only cost time
     try:
@@ -549,7 +713,7 @@ def _programme(engine: BenchAPI, options: BenchOptions, wall_ready: float) -> di
     finally:
         engine.settings.save_images = saving
     if options.http:
-        report["http"] = _http(engine, base, options.runs)
+        report["http"] = _http(engine, base, options.runs, options.concurrency)
         if "direct" in report:
             report["http"]["overhead_pct"] = round(
                 100.0 * (report["http"]["new_prompt"]["median_s"] / report["direct"]["median_s"] - 1), 2)
@@ -641,8 +805,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         s = report["idle_unload"]
         lines.append(f"idle unload {s['unload_s']} s, reload {s['reload_s']} s, GPU used "
                      f"{s['gpu_used_loaded_bytes'] / GiB:.2f} → {s['gpu_used_unloaded_bytes'] / GiB:.2f} GiB")
+    if "concurrent" in report.get("http", {}):
+        c = report["http"]["concurrent"]
+        lines.append(f"{c['clients']} clients at once: {c['images_per_s']:.3f} images/s = "
+                     f"{c['ratio_to_sequential']}x one client's {report['http']['sequential_images_per_s']:.3f}; "
+                     f"same pixels as alone: {c['same_pixels_as_alone']} ({c['checked']} checked)")
     if "latents" in report:
-        lines.append(f"latents {json.dumps(report['latents'])}")
+        lat = {k: v for k, v in report["latents"].items() if k != "per_seed"}
+        lines.append(f"latents {json.dumps(lat)}")
     if "baseline" in report:
         b = report["baseline"]
         lines.append(f"vanilla diffusers median {b['vanilla_median_s']:.3f} s → speedup "

@@ -219,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         synthetic=args.synthetic, synthetic_scale=args.synthetic_scale, preset=args.preset, width=args.width,
         height=args.height, batch=args.batch,
         runs=args.runs, steps=args.steps, sweep=args.sweep, sweep_steps=args.sweep_steps, soak=args.soak,
-        idle_test=args.idle_test, components=args.components, http=args.http,
+        idle_test=args.idle_test, components=args.components, http=args.http, concurrency=args.concurrency,
         quick=args.quick, latents=Path(args.latents) if args.latents else None,
         baseline=Path(args.baseline) if args.baseline else None,
         save_synthetic=Path(args.save_synthetic) if args.save_synthetic else None,
@@ -322,10 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="skip the direct pipeline call and VRAM-bar sampling")
     bench.add_argument("--http", action="store_true",
                        help="also time POST /api/v1/generate on the REST service (loopback), PNG answer included")
+    bench.add_argument("--concurrency", type=int, default=0, metavar="N",
+                       help="with --http: N clients at once, images per second against one client's")
     bench.add_argument("--components", action="store_true",
                        help="time prompt encode, VAE decode (eager / compiled / channels-last) and PIL conversion")
     bench.add_argument("--latents", metavar="FILE",
-                       help="final latents for seed 0: saved to FILE if absent, else compared (cosine)")
+                       help="final latents and images for seeds 0-7: saved to FILE if absent, else compared "
+                            "(cosine, PSNR)")
     bench.add_argument("--baseline", metavar="FILE", help="vanilla_diffusers.py output (JSON lines) for the ratio")
     bench.add_argument("--save-synthetic", metavar="DIR", help="write the synthetic model as a diffusers folder")
     bench.add_argument("--cohost", type=float, metavar="GIB",

@@ -11,6 +11,7 @@ Every image carries an A1111-style ``parameters`` text chunk (read by A1111, For
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -28,6 +29,13 @@ _VERSIONED = ("zimage-ui", "torch", "diffusers", "transformers")
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of the packages that made an image (read once per process: every PNG asks, and each look-up
+    scans the installed distributions)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     out = {}
     for name in _VERSIONED:
         try:
@@ -64,10 +72,12 @@ def png_info(request: RunRequest, *, seed: int, model: str,
 _COLOUR_TYPES = {"L": (0, 1), "RGB": (2, 3), "RGBA": (6, 4)}
 _SUB_FILTER = 1
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_DEFLATE_LEVEL = 3  # ISA-L's best; still ~12x faster than PIL's zlib at level 4 (scripts/bench-png.py)
+# ISA-L's level 1: on an H200 box's CPU 10.5 ms for a 1024² image against 19.4 ms at level 3 (its best), with the
+# same size for noise and 0.4% smaller for a photo-like image here (docs/benchmarks.md, section 6)
+PNG_DEFLATE_LEVEL = 1
 
 
-def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo) -> bytes:
+def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo, level: int = PNG_DEFLATE_LEVEL) -> bytes:
     """The PNG bytes of ``image`` with ``info`` (the REST API answers these without touching disk).
 
     PIL's encoder spends ~0.25 s on a 1024² image in zlib — a quarter of a whole Turbo generation on an H100
@@ -103,7 +113,7 @@ def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo) -> bytes:
     for cid, data, after_idat in chunks:
         if not after_idat:
             PngImagePlugin.putchunk(buf, cid, data)
-    PngImagePlugin.putchunk(buf, b"IDAT", isal_zlib.compress(filtered.data, PNG_DEFLATE_LEVEL))
+    PngImagePlugin.putchunk(buf, b"IDAT", isal_zlib.compress(filtered.data, level))
     for cid, data, after_idat in chunks:
         if after_idat:
             PngImagePlugin.putchunk(buf, cid, data)

@@ -329,13 +329,54 @@ def compile_transformer(transformer: Any, *, dynamic: bool = True) -> None:
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
 
 
-def compile_vae_decoder(vae: Any) -> None:
-    """Compile the VAE decoder (dynamic sizes): the ``compile_vae`` setting, off by default.
+class ShapeGate:
+    """A compiled module's call that runs the compiled graph only for the input shapes in ``shapes`` and the module
+    eagerly for every other shape: a static-shape compile that never compiles in the middle of a user's request.
+    If the compiled call fails (not for lack of memory: the decode's own fallback handles that), it logs why and
+    runs eagerly from then on: a failed compile costs its speed-up, never the request.
 
-    On an H100 the 1024² decode went from 91.5 to 38.6 ms (``zimage-ui bench --components``), but the first
-    start took minutes longer (a dynamic graph for batch 1 and another for batch ≥ 2) and each restart ~20 s
-    (docs/benchmarks.md). Channels-last made the eager decode slower (143 ms), so it is not used."""
-    vae.decoder.compile(dynamic=True)
+    Installed as the module's ``_compiled_call_impl`` (what ``nn.Module.compile`` sets), so :func:`uncompile`
+    removes it like any other compile."""
+
+    def __init__(self, module: torch.nn.Module, shapes: Iterable[tuple[int, ...]], *, compiled: Any = None):
+        self.eager = module._call_impl
+        self.compiled = compiled if compiled is not None else torch.compile(module._call_impl, dynamic=False)
+        self.shapes = {tuple(s) for s in shapes}
+        self.failed = ""  # why the compiled call failed, once it has
+        self.calls = {"compiled": 0, "eager": 0}
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed and tuple(x.shape) in self.shapes:
+            try:
+                out = self.compiled(x, *args, **kwargs)
+            except Exception as exc:
+                if "out of memory" in str(exc).lower():
+                    raise
+                self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                log.warning("compiled call failed, running eagerly from now on: %s", self.failed)
+            else:
+                self.calls["compiled"] += 1
+                return out
+        self.calls["eager"] += 1
+        return self.eager(x, *args, **kwargs)
+
+
+def vae_latent_shape(vae: Any, width: int, height: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """The decoder's input shape for ``batch`` images of ``width×height``."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return batch, int(vae.config.latent_channels), height // scale, width // scale
+
+
+def compile_vae_decoder(vae: Any, sizes: Iterable[tuple[int, int]]) -> ShapeGate:
+    """Compile the VAE decoder with static shapes for one image at each of ``sizes`` (the presets' sizes): the
+    ``compile_vae`` setting. Other sizes and batches decode eagerly, so no request ever waits for a compile.
+
+    Dynamic shapes (the first version) gave nothing on an H100 and cost four minutes of warm-up; a static graph
+    decodes 1024² in 35 ms against 87 ms eagerly on an H200, for a few seconds at most on a restart with the
+    on-disk cache (docs/benchmarks.md, section 6)."""
+    gate = ShapeGate(vae.decoder, [vae_latent_shape(vae, w, h) for w, h in sizes])
+    vae.decoder._compiled_call_impl = gate
+    return gate
 
 
 def uncompile(module: torch.nn.Module) -> int:
@@ -423,6 +464,7 @@ class AccelerationReport:
     compile_note: str = ""
     compile_cache: dict[str, Any] = field(default_factory=dict)
     vae_compiled: bool = False
+    vae_sizes: list[tuple[int, int]] = field(default_factory=list)  # sizes whose decode runs compiled
     fp8: bool = False
     fp8_note: str = ""
     fp8_linears: int = 0
@@ -437,10 +479,12 @@ class AccelerationReport:
 def accelerate(pipe: Any, device: torch.device, *, attention: str = "auto", compile: bool = True,
                compile_vae: bool = False, fp8: bool = False, cache_dir: Path | None = None,
                compile_allowed: bool = True, width: int = 1024, height: int = 1024,
-               choice: AttentionChoice | None = None) -> AccelerationReport:
+               choice: AttentionChoice | None = None,
+               vae_sizes: Iterable[tuple[int, int]] | None = None) -> AccelerationReport:
     """Apply the speed settings to a placed pipeline. ``fp8`` raises ``ValueError`` (with the reason) where fp8 can't
     run, or with a placement that hooks the transformer; ``compile`` is skipped on the CPU and where the placement
-    hooks the transformer (``compile_allowed``). ``choice`` re-uses an attention choice (no second probe)."""
+    hooks the transformer (``compile_allowed``). ``choice`` re-uses an attention choice (no second probe). With
+    ``compile_vae`` the decoder is compiled for one image at each of ``vae_sizes`` (default: ``width×height``)."""
     t0 = time.perf_counter()
     report = AccelerationReport()
     transformer = pipe.transformer
@@ -470,8 +514,9 @@ def accelerate(pipe: Any, device: torch.device, *, attention: str = "auto", comp
         report.compiled = True
         report.compile_note = "compile_repeated_blocks(fullgraph=True, dynamic=True); compiled during warm-up"
         if compile_vae:
-            compile_vae_decoder(pipe.vae)
+            report.vae_sizes = sorted(set(vae_sizes or [(width, height)]))
+            compile_vae_decoder(pipe.vae, report.vae_sizes)
             report.vae_compiled = True
-            report.compile_note += "; VAE decoder compiled"
+            report.compile_note += "; VAE decoder compiled for " + ", ".join(f"{w}x{h}" for w, h in report.vae_sizes)
     report.seconds = time.perf_counter() - t0
     return report

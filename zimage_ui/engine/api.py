@@ -135,6 +135,12 @@ class BenchAPI(EngineAPI, Protocol):
     @property
     def warmup_runs(self) -> list[dict[str, Any]]: ...  # what warm-up ran: shape, purpose, peak, seconds
 
+    @property
+    def prompt_cache(self) -> Any: ...  # engine.runner.PromptCache (cleared so that every prompt is new)
+
+    @property
+    def runners(self) -> dict[str, Any]: ...  # engine.runner.PipelineRunner by weights ("turbo", "base"): decodes
+
     def warmup_plan(self) -> list[WarmupStep]: ...  # what warm-up runs (engine/warmup.py), once loaded
 
     def weights_bytes(self) -> int: ...

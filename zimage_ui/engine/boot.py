@@ -145,7 +145,8 @@ def boot(settings: Settings, book: PresetBook, device: Any, *, cache_dir: Path,
     common = dict(compile=settings.compile, fp8=settings.fp8, cache_dir=cache_dir,
                   compile_allowed=placement.compile_allowed)
     acceleration = accelerate(model.pipe, device, attention=settings.attention, compile_vae=settings.compile_vae,
-                              width=preset.width, height=preset.height, **common)
+                              width=preset.width, height=preset.height, **common,
+                              vae_sizes={(p.width, p.height) for p in book.presets.values()})
     if base_model is not None:
         accelerate(base_model.pipe, device, choice=acceleration.attention, compile_vae=False, **common)
     stages["accelerate_s"] = time.perf_counter() - t0

@@ -146,7 +146,7 @@ class Engine:
                                                        memory=_EngineRunMemory(self))
             self.worker = SerialWorker(self._execute, max_queue=self.settings.max_queue,
                                        jobs_per_client=self.settings.jobs_per_client, timer=self.timer,
-                                       on_idle=self._on_idle)
+                                       on_idle=self._on_idle, finish=self._finish)
             self.worker.start()
             if self.settings.warmup:
                 self.state, self.reason = EngineState.WARMING, "warming up"
@@ -544,7 +544,8 @@ class Engine:
                          last_heartbeat=worker.last_heartbeat)
 
     def add_result_hook(self, hook: Callable[[Job, JobResult], None]) -> None:
-        """Call ``hook(job, result)`` on the worker thread after each finished job (history, metrics)."""
+        """Call ``hook(job, result)`` after each finished job (history, metrics), on the worker's finishing thread
+        (the GPU starts the next job meanwhile), before the job counts as done."""
         self._result_hooks.append(hook)
 
     def add_end_hook(self, hook: Callable[[Job], None]) -> None:
@@ -653,6 +654,10 @@ class Engine:
         result = JobResult(images=output.images, seeds=output.seeds, request=job.request, changes=job.changes,
                            notes=notes, model_id=loaded.model_id, model_label=loaded.label, timings=output.timings,
                            peak_working_bytes=peak)
+        return result
+
+    def _finish(self, job: Job, result: JobResult) -> None:
+        """After the GPU's part, on the worker's finishing thread: save the PNGs, run the result hooks."""
         if self.settings.save_images:
             t_save = time.perf_counter()
             result.paths = self._save(job, result)
@@ -662,7 +667,6 @@ class Engine:
                 hook(job, result)
             except Exception:
                 log.exception("result hook failed for %s", job.id)
-        return result
 
     def _save(self, job: Job, result: JobResult) -> list[str]:
         day = dt.datetime.now().strftime("%Y-%m-%d")

@@ -29,9 +29,18 @@ class SerialWorker:
 
     def __init__(self, execute: Callable[[Job], JobResult], *, max_queue: int = 16, jobs_per_client: int = 1,
                  timer: StepTimer | None = None, name: str = "zimage-gpu-worker",
-                 on_idle: Callable[[], None] | None = None):
+                 on_idle: Callable[[], None] | None = None,
+                 finish: Callable[[Job, JobResult], None] | None = None):
         self._execute = execute
         self.on_idle = on_idle  # called on this thread every IDLE_TICK_S while the queue is empty
+        # ``finish(job, result)`` (save the PNGs, run the result hooks) runs on a second thread, in job order, while
+        # this one starts the next job's denoise; the job is done when it returns. None: done when execute returns.
+        self._finish = finish
+        self._finishing: collections.deque[Job] = collections.deque()
+        self._finish_queue: collections.deque[tuple[Job, JobResult] | None] = collections.deque()
+        self._finish_cond = threading.Condition()
+        self._finisher = (threading.Thread(target=self._finish_loop, name=name + "-finish", daemon=True)
+                          if finish is not None else None)
         self.max_queue = max_queue
         self.jobs_per_client = jobs_per_client
         self.timer = timer or StepTimer()
@@ -48,6 +57,8 @@ class SerialWorker:
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self._finisher is not None:
+            self._finisher.start()
 
     @property
     def alive(self) -> bool:
@@ -70,6 +81,11 @@ class SerialWorker:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=max(grace_s, 0) + 30)
+        if self._finisher is not None and self._finisher.is_alive():
+            with self._finish_cond:  # after the jobs already handed over are finished
+                self._finish_queue.append(None)
+                self._finish_cond.notify_all()
+            self._finisher.join(timeout=30)
 
     # --- running code on this thread -------------------------------------------------------------------------
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
@@ -127,7 +143,8 @@ class SerialWorker:
     # --- reading ---------------------------------------------------------------------------------------------
     def _active(self) -> list[Job]:
         running = [self._running] if self._running is not None and not self._running.done else []
-        return running + list(self._queue)
+        finishing = [j for j in list(self._finishing) if not j.done and j is not self._running]
+        return finishing + running + list(self._queue)
 
     @property
     def depth(self) -> int:
@@ -266,4 +283,31 @@ class SerialWorker:
             log.exception("job %s failed", job.id)
             job.finish(JobState.FAILED, error=JobFailed(f"{type(exc).__name__}: {exc}"))
         else:
-            job.finish(JobState.DONE, result=result)
+            if self._finisher is None:
+                job.finish(JobState.DONE, result=result)
+                return
+            with self._finish_cond:
+                self._finishing.append(job)
+                self._finish_queue.append((job, result))
+                self._finish_cond.notify_all()
+
+    def _finish_loop(self) -> None:
+        while True:
+            with self._finish_cond:
+                while not self._finish_queue:
+                    self._finish_cond.wait()
+                item = self._finish_queue.popleft()
+            if item is None:
+                return
+            job, result = item
+            try:
+                self._finish(job, result)
+            except Exception as exc:  # the finisher must survive any job too
+                log.exception("finishing job %s failed", job.id)
+                job.finish(JobState.FAILED, error=JobFailed(f"{type(exc).__name__}: {exc}"))
+            else:
+                job.finish(JobState.DONE, result=result)
+            finally:
+                with self._finish_cond:
+                    self._finishing.remove(job)
+            self.last_heartbeat = time.monotonic()
