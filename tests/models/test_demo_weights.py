@@ -44,6 +44,7 @@ def weights_file(tmp_path_factory, seed1_pipe) -> Path:
 def shipped(monkeypatch, weights_file) -> Path:
     """Pretend ``weights_file`` is the file shipped with the package."""
     monkeypatch.setattr(demo, "DEMO_WEIGHTS", weights_file)
+    monkeypatch.delenv(demo.WEIGHTS_ENV, raising=False)  # the suite runs the untrained model unless told
     return weights_file
 
 

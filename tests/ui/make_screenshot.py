@@ -1,4 +1,4 @@
-"""Make the README's screenshot: the page on the demo model after one generation, in a real browser.
+"""Make the README's screenshot: the page on the demo model after it drew an example prompt, in a real browser.
 
     .venv/bin/python -m tests.ui.make_screenshot docs/screenshot.png
 
@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     from playwright.sync_api import sync_playwright
 
     from zimage_ui.engine.engine import Engine
+    from zimage_ui.models.shapes_world import EXAMPLE_PROMPTS
     from zimage_ui.settings import Settings
 
     from .conftest import serve_page
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
             page.goto(url)
             page.wait_for_selector("#vram-bar [data-segment=weights]", timeout=30_000)
             page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=30_000)
-            page.fill("#prompt textarea", "a lighthouse on a cliff at dusk, oil painting")
+            page.fill("#prompt textarea", EXAMPLE_PROMPTS[0])  # the trained demo model draws it
             page.click("#generate-btn")
             page.wait_for_selector("#gallery img", timeout=60_000)
             page.wait_for_timeout(1500)  # the bar's next tick and the image's fade-in

@@ -17,6 +17,7 @@ Keep all of its construction in this module.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +170,24 @@ def build_demo_pipeline(seed: int = DEMO_SEED, *, trained_sizes: bool = False):
 _PARTS = ("transformer", "text_encoder", "vae")
 
 
+WEIGHTS_ENV = "ZIMAGE_UI_DEMO_WEIGHTS"
+"""Environment variable: another demo-weights file to load instead of the shipped one, or ``untrained`` for the
+untrained builder (the test suite runs most tests on it: smaller, so large pictures stay cheap on a CPU)."""
+
+
+def demo_weights_path() -> Path | None:
+    """The weights file ``--model demo`` loads: ``$ZIMAGE_UI_DEMO_WEIGHTS`` or the shipped one; None when there is
+    none (or the variable says ``untrained``)."""
+    value = os.environ.get(WEIGHTS_ENV, "").strip()
+    if value.lower() == "untrained":
+        return None
+    path = Path(value) if value else DEMO_WEIGHTS
+    return path if path.is_file() else None
+
+
 def has_trained_weights(path: Path | None = None) -> bool:
     """Whether the trained weights file is there (``zimage-ui train-demo`` writes it)."""
-    return (path or DEMO_WEIGHTS).is_file()
+    return path.is_file() if path is not None else demo_weights_path() is not None
 
 
 def save_demo_weights(pipe: Any, path: Path, info: dict[str, Any] | None = None) -> Path:
@@ -243,7 +259,8 @@ def load_trained_pipeline(path: Path | None = None):
 
 def load_demo_pipeline():
     """What ``--model demo`` runs: the trained demo model when its weights are shipped, else the untrained one."""
-    return load_trained_pipeline() if has_trained_weights() else build_demo_pipeline()
+    path = demo_weights_path()
+    return load_trained_pipeline(path) if path is not None else build_demo_pipeline()
 
 
 def is_trained(pipe: Any) -> bool:

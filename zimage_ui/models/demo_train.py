@@ -53,7 +53,7 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
-    dit_steps: int = 8000
+    dit_steps: int = 40000
     dit_batch: int = 128
     dit_lr: float = 6e-4
     drop: float = 0.1
@@ -62,7 +62,12 @@ class TrainConfig:
     eval_cfg_prompts: int = 50
     time_budget_s: float = 400.0
     vae_share: float = 0.22  # of the budget left after rendering and the evaluation reserve
-    eval_reserve_s: float = 60.0
+    eval_reserve_s: float = 40.0
+    compile: bool = False  # torch.compile the transformer's blocks for training (the saved weights are the same)
+    init: str = ""  # a demo-weights file to continue from: its VAE and latent scaling are kept, only the transformer
+    #                 and text encoder train on
+    distill_guidance: float = 0.0  # > 0: the target is a frozen copy of the starting model's guided prediction
+    #                                (uncond + w * (cond - uncond)), so Turbo (guidance 0) draws what CFG draws
     device: str = "auto"
     workers: int = 0  # 0: one per CPU core
     log_every: int = 25
@@ -279,6 +284,70 @@ def tokenize_captions(tokenizer, captions: Sequence[str], device):
     return enc.input_ids.to(device), enc.attention_mask.to(device).bool()
 
 
+SEQ_MULTI_OF = 32  # ZImageTransformer2DModel pads the caption and image sequences to a multiple of this
+
+
+def batched_forward(tr, latents, t, cap_feats, cap_mask, patch: int = 2):
+    """``ZImageTransformer2DModel.forward`` (basic mode) for a batch of same-size latents, in whole-batch operations.
+
+    The model's own forward loops over the batch in Python (patchify, padding, position ids per sample): on a GPU a
+    batch of 128 tiny samples spends most of its time launching those small kernels. This does the same arithmetic
+    with the same modules when every caption pads to the same length (all at most ``SEQ_MULTI_OF`` tokens, as in
+    the shapes world) and the image's token count is a multiple of it: the caption's padding positions take the
+    model's ``cap_pad_token`` and positions ``1..P`` as the model gives them, the image's positions start at
+    ``P + 1``. ``tests/models/test_demo_train.py`` checks it against the model's forward. Returns the model's
+    output as one (B, C, H, W) tensor.
+
+    ``cap_feats``: (B, L, D) right-padded caption features, ``cap_mask``: (B, L) bool, True on real tokens."""
+    import torch
+
+    b, c, h, w = latents.shape
+    ht, wt = h // patch, w // patch
+    n_img = ht * wt
+    if n_img % SEQ_MULTI_OF:
+        raise ValueError(f"{n_img} image tokens: not a multiple of {SEQ_MULTI_OF}")
+    width = cap_feats.shape[1]
+    p_len = max(SEQ_MULTI_OF, -(-width // SEQ_MULTI_OF) * SEQ_MULTI_OF)
+    if width > SEQ_MULTI_OF:
+        raise ValueError(f"captions of {width} tokens: they would pad to different lengths")
+    if width < p_len:
+        cap_feats = torch.nn.functional.pad(cap_feats, (0, 0, 0, p_len - width))
+        cap_mask = torch.nn.functional.pad(cap_mask, (0, p_len - width), value=False)
+    device = latents.device
+    adaln = tr.t_embedder(t * tr.t_scale).type_as(latents)
+    key = f"{patch}-1"
+    # patchify: (B, C, H, W) -> (B, ht*wt, patch*patch*C), the model's token order (h, w, ph, pw, c)
+    x = latents.view(b, c, ht, patch, wt, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, patch * patch * c)
+    x = tr.all_x_embedder[key](x)
+    cap_ids = torch.zeros(p_len, 3, dtype=torch.int32, device=device)
+    cap_ids[:, 0] = torch.arange(1, p_len + 1, dtype=torch.int32, device=device)
+    grid = torch.stack(torch.meshgrid(torch.arange(ht, device=device), torch.arange(wt, device=device),
+                                      indexing="ij"), -1).reshape(-1, 2).to(torch.int32)
+    img_ids = torch.cat([torch.full((n_img, 1), p_len + 1, dtype=torch.int32, device=device), grid], 1)
+    x_freqs = tr.rope_embedder(img_ids)[None].expand(b, -1, -1)
+    cap_freqs = tr.rope_embedder(cap_ids)[None].expand(b, -1, -1)
+    for layer in tr.noise_refiner:
+        x = layer(x, None, x_freqs, adaln)
+    cap = tr.cap_embedder(cap_feats)
+    cap = torch.where(cap_mask[..., None], cap, tr.cap_pad_token.to(cap.dtype))
+    for layer in tr.context_refiner:
+        cap = layer(cap, None, cap_freqs)
+    u = torch.cat([x, cap], 1)
+    u_freqs = torch.cat([x_freqs, cap_freqs], 1)
+    for layer in tr.layers:
+        u = layer(u, None, u_freqs, adaln)
+    u = tr.all_final_layer[key](u, c=adaln)[:, :n_img]
+    out_c = u.shape[-1] // (patch * patch)
+    return u.view(b, ht, wt, patch, patch, out_c).permute(0, 5, 1, 3, 2, 4).reshape(b, out_c, h, w)
+
+
+def _uncompile(module) -> None:
+    """Undo ``compile_repeated_blocks`` (each block runs eagerly again)."""
+    for sub in module.modules():
+        if getattr(sub, "_compiled_call_impl", None) is not None:
+            sub._compiled_call_impl = None
+
+
 def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_s: float, log: dict):
     """Train the transformer and text encoder together (flow matching); returns their EMA copies."""
     import torch
@@ -289,14 +358,53 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
     te.train().requires_grad_(True)
     ema_tr = copy.deepcopy(tr).eval().requires_grad_(False)
     ema_te = copy.deepcopy(te).eval().requires_grad_(False)
+    # guidance distillation: a frozen copy of the starting model is the teacher (its EMA copy stays eager)
+    teacher = (copy.deepcopy(ema_tr), copy.deepcopy(ema_te)) if cfg.distill_guidance > 0 else None
+    if teacher is not None:
+        log["distill_guidance"] = cfg.distill_guidance
     params = [p for p in list(tr.parameters()) + list(te.parameters())]
-    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01,
+                            fused=device.type == "cuda")
     # the empty prompt (caption dropout) last, padded to the same width as the captions
     ids, masks = tokenize_captions(pipe.tokenizer, list(captions) + [""], device)
     empty_ids, empty_mask, ids, masks = ids[-1:], masks[-1:], ids[:-1], masks[:-1]
+    # whole-batch forward when every caption pads to the same length (the shapes world's do), else the model's own
+    batched = ids.shape[1] <= SEQ_MULTI_OF and (cfg.side // 16) ** 2 % SEQ_MULTI_OF == 0
+    log["dit_forward"] = "batched" if batched else "per-sample"
+    if cfg.compile:
+        tr.compile_repeated_blocks(fullgraph=False, dynamic=False)  # after the EMA copy: the copy stays eager
+        log["dit_forward"] += ", compiled blocks"
     shift = float(pipe.scheduler.config.shift)
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)
     n = latents.shape[0]
+
+    def predict(t_model, e_model, tok, mask, xt, t):
+        hidden = e_model(input_ids=tok, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        if batched:
+            return batched_forward(t_model, xt, t, hidden, mask).float()
+        lengths = mask.sum(1).tolist()  # right-padded: row i's tokens are its first lengths[i]
+        cap_feats = [hidden[i, :n] for i, n in enumerate(lengths)]
+        out = t_model(list(xt.unsqueeze(2).unbind(0)), t, cap_feats, return_dict=False)[0]
+        return torch.stack(out).squeeze(2).float()
+
+    def guided_target(tok, mask, drop, xt, t):
+        """The teacher's guided prediction (its unconditional one for dropped captions)."""
+        b = tok.shape[0]
+        with torch.no_grad(), _autocast(device):
+            both = predict(*teacher, torch.cat([tok, empty_ids.expand(b, -1)]),
+                           torch.cat([mask, empty_mask.expand(b, -1)]), torch.cat([xt, xt]), torch.cat([t, t]))
+        cond, uncond = both[:b], both[b:]
+        guided = uncond + cfg.distill_guidance * (cond - uncond)
+        return torch.where(drop[:, None, None, None], uncond, guided)
+
+    def forward_backward(tok, mask, xt, t, target):
+        with _autocast(device):
+            pred = predict(tr, te, tok, mask, xt, t)
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
     budget = _StepBudget(cfg.dit_steps, budget_s, device, log, "dit")
     step = 0
     while step < budget.total:
@@ -313,15 +421,17 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma[:, None, None, None]
         xt = s * noise + (1 - s) * z0
-        lengths = mask.sum(1).tolist()  # right-padded: row i's tokens are its first lengths[i] (one sync, not b)
-        with _autocast(device):
-            hidden = te(input_ids=tok, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-            cap_feats = [hidden[i, :n] for i, n in enumerate(lengths)]
-            out = tr(list(xt.unsqueeze(2).unbind(0)), 1 - sigma, cap_feats, return_dict=False)[0]
-        pred = torch.stack(out).squeeze(2).float()
-        loss = F.mse_loss(pred, z0 - noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        target = z0 - noise if teacher is None else guided_target(tok, mask, drop, xt, 1 - sigma)
+        try:
+            loss = forward_backward(tok, mask, xt, 1 - sigma, target)
+        except Exception as exc:  # a compiler failure on the first step: go on eagerly, and say so in the log
+            if not (cfg.compile and step == 0):
+                raise
+            log["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            log["dit_forward"] = log["dit_forward"].replace(", compiled blocks", ", eager (compile failed)")
+            print(f"[train-demo] compile failed, training eagerly: {log['compile_error'][:300]}", flush=True)
+            _uncompile(tr)
+            loss = forward_backward(tok, mask, xt, 1 - sigma, target)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))
@@ -401,6 +511,9 @@ def _markdown(cfg: TrainConfig, log: dict[str, Any]) -> str:
     from zimage_ui.models.judge import TARGETS
 
     lines = ["# Demo model training log", "", f"Wall time {log['wall_seconds']:.0f} s on {log['device']}.", ""]
+    if log.get("init"):
+        lines += [f"Continued from `{log['init']}` (its VAE kept); guidance distillation "
+                  f"w = {log.get('distill_guidance', 0)}.", ""]
     lines += ["| phase | steps (asked) | seconds | final loss |", "|---|---|---|---|",
               f"| render {cfg.samples} scenes | | {log['render_seconds']:.1f} | |",
               f"| VAE | {log['vae_steps']} ({log['vae_asked']}) | {log['vae_seconds']:.1f} | "
@@ -450,7 +563,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> dict[str, Any]:
     import torch
 
-    from zimage_ui.models.demo import build_demo_pipeline, save_demo_weights
+    from zimage_ui.models.demo import build_demo_pipeline, load_trained_pipeline, save_demo_weights
 
     log: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
     torch.manual_seed(cfg.seed)
@@ -470,18 +583,24 @@ def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> di
     log["render_seconds"] = time.perf_counter() - t0
     print(f"[train-demo] rendered {len(captions)} scenes in {log['render_seconds']:.1f} s", flush=True)
 
-    pipe = build_demo_pipeline(cfg.seed, trained_sizes=True)
+    pipe = load_trained_pipeline(Path(cfg.init)) if cfg.init else build_demo_pipeline(cfg.seed, trained_sizes=True)
     for part in ("transformer", "text_encoder", "vae"):
         torch.nn.Module.to(getattr(pipe, part), device, torch.float32)
     images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
     del pixels
 
     left = cfg.time_budget_s - clock.elapsed() - cfg.eval_reserve_s if cfg.time_budget_s > 0 else 0
-    train_vae(pipe.vae, images, cfg, device, left * cfg.vae_share, log)
-    print(f"[train-demo] VAE: {log['vae_steps']} steps, {log['vae_seconds']:.1f} s, loss {log['vae_final_loss']:.4f}",
-          flush=True)
-    latents, shift, scale = encode_latents(pipe.vae, images, device)
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if cfg.init:  # continuing: the VAE and the latent scaling the transformer learnt in stay as they are
+        log.update(init=cfg.init, vae_steps=0, vae_asked=0, vae_seconds=0.0, vae_final_loss=float("nan"),
+                   vae_loss_curve=[])
+        latents, _, _ = encode_latents(pipe.vae, images, device)
+        shift, scale = float(pipe.vae.config.shift_factor), float(pipe.vae.config.scaling_factor)
+    else:
+        train_vae(pipe.vae, images, cfg, device, left * cfg.vae_share, log)
+        print(f"[train-demo] VAE: {log['vae_steps']} steps, {log['vae_seconds']:.1f} s, "
+              f"loss {log['vae_final_loss']:.4f}", flush=True)
+        latents, shift, scale = encode_latents(pipe.vae, images, device)
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = (latents - shift) * scale
     log.update(latent_shift=shift, latent_scale=scale)
     del images
@@ -540,6 +659,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=value)
+            continue
         kind = Path if name == "out" else type(value)
         parser.add_argument(flag, dest=name, type=kind, default=value, help=f"[default: {value}]")
 
