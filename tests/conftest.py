@@ -1,4 +1,5 @@
-"""Suite-wide test setup.
+"""Suite-wide test setup: nothing phones home (Gradio's analytics) or reaches the Hugging Face hub; tests use
+loopback only. Shared helpers live in tests/support.py.
 
 Most tests run the demo model untrained (``ZIMAGE_UI_DEMO_WEIGHTS=untrained``, inherited by the servers and CLIs
 they start): its smaller sizes keep the many large-picture tests cheap on a CPU, as before the trained weights were
@@ -14,6 +15,9 @@ import os
 import pytest
 
 from zimage_ui.models import demo
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_configure(config):

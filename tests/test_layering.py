@@ -6,6 +6,8 @@ dependency), as does ``importlib.import_module("zimage_ui.…")`` with a literal
 - ``memory`` (measuring and planning GPU memory) imports no engine, ui or service;
 - ``models`` (where weights come from) imports no engine, ui or service;
 - ``engine`` (the queue and the pipeline) imports no ui or service;
+- ``scale`` (engines as Ray Serve replicas, behind the same face) sits beside the engine: no ui or service, and
+  nothing below the doors imports it (the service starts it for ``serve --replicas``);
 - ``ui`` and ``service`` (two doors) import each other only where the service puts the doors together;
 - only the engine and memory talk to NVML (``memory.nvml``); the doors ask the engine (``Engine.gpu_stats``);
 - the shared top-level modules (settings, validation, presets, sizes, limits, users, …) import none of
@@ -26,15 +28,16 @@ import pytest
 import zimage_ui
 
 PACKAGE_DIR = Path(zimage_ui.__file__).resolve().parent
-LAYERS = ("engine", "memory", "models", "service", "ui")
+LAYERS = ("engine", "memory", "models", "scale", "service", "ui")
 ENTRY_POINTS = {"zimage_ui.cli", "zimage_ui.bench", "zimage_ui.bench_memory", "zimage_ui.doctor"}
 FORBIDDEN = {
-    "memory": {"engine", "ui", "service"},
-    "models": {"engine", "ui", "service"},
-    "engine": {"ui", "service"},
-    "ui": {"service"},
+    "memory": {"engine", "scale", "ui", "service"},
+    "models": {"engine", "scale", "ui", "service"},
+    "engine": {"scale", "ui", "service"},
+    "scale": {"ui", "service"},
+    "ui": {"service", "scale"},
     "service": {"ui"},
-    "shared": {"engine", "ui", "service"},
+    "shared": {"engine", "scale", "ui", "service"},
 }
 NVML = "zimage_ui.memory.nvml"
 NVML_USERS = {"memory", "engine", None}  # None: the entry points (doctor, bench_memory)
@@ -183,6 +186,7 @@ def test_bad_imports_are_caught(tmp_path):
     assert used == set(ALLOWED)
 
 
+@pytest.mark.slow  # a fresh interpreter each: 24-27 s on a loaded 2-core machine
 @pytest.mark.parametrize("layer_name", ["engine", "memory"])
 def test_importing_a_lower_layer_loads_no_web_framework(layer_name):
     # every module of the layer, in a fresh interpreter: gradio and fastapi must stay unloaded

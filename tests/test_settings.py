@@ -8,6 +8,12 @@ def test_defaults_are_safe_for_a_lan():
     assert s.host == "127.0.0.1" and s.model == "auto" and s.max_queue == 16
 
 
+def test_gib_settings_in_bytes():
+    s = Settings(vram_budget_gb=1.5, memory_margin_gb=0.5)
+    assert s.vram_budget_bytes == 3 * 2**29 and s.memory_margin_bytes == 2**29
+    assert Settings().vram_budget_bytes is None  # no budget: the whole card
+
+
 def test_precedence_flags_over_env_over_file(tmp_path, monkeypatch):
     cfg = tmp_path / "zimage.toml"
     cfg.write_text('port = 9000\nmax_queue = 3\nmodel = "demo"\n')

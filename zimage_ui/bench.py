@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .engine.api import BenchAPI
 
+from .units import GiB
+
 BENCH_VERSION = 1
-GiB = 2**30
 log = logging.getLogger(__name__)
 
 # One word = one token for the demo/synthetic tokenizer, like the baseline script's 60-word prompt ("w0 … w59").
@@ -221,7 +222,7 @@ def _sweep(engine: BenchAPI, options: BenchOptions, steps: int) -> dict[str, Any
             try:
                 seconds, result = _timed_generate(engine, raw)
             except MemoryRefused as exc:
-                row.update(admission="over", refused=exc.admission.message)
+                row.update(admission="over", refused=str(exc.admission.message))
             except JobFailed as exc:
                 row.update(admission="admitted", oom=exc.kind == "oom", error=str(exc))
             else:
@@ -693,7 +694,7 @@ def _programme(engine: BenchAPI, options: BenchOptions, wall_ready: float) -> di
     during = None if options.quick else _sample_during(engine, {**base, "prompt": bench_prompt(200), "seed": 7})
     report["vram_bar"] = _vram_bar(engine, during)
     if first.notes:
-        report["first_request"]["notes"] = first.notes
+        report["first_request"]["notes"] = [str(n) for n in first.notes]
     _progress(report, options, "memory and VRAM bar")
     # 6. optional parts
     if options.components and engine.model.device.type == "cuda":

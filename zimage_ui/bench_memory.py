@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .engine.api import BenchAPI
 
-GiB = 2**30
-MiB = 2**20
+from .units import GiB, gib
 
 # A process that holds GPU memory when told to: "grab N" allocates N GiB, "free" lets it go, EOF ends it.
 _COHOST = r"""
@@ -140,10 +139,6 @@ class ProcessWatch:
             t.join(5)
 
 
-def _gib(n: int | float | None) -> float | None:
-    return None if n is None else round(n / GiB, 3)
-
-
 def sweep_shapes(engine: BenchAPI) -> list[tuple[int, int]]:
     """Every size class the page offers at 1:1, the middle class at 16:9, and the largest square the limits
     allow."""
@@ -182,8 +177,8 @@ def run_cohost(settings: Any, options: Any, cohost_gib: float) -> dict[str, Any]
         engine.start()
         try:
             report["ready_s"] = round(time.perf_counter() - t0, 2)
-            report["start"] = {"peak_process_gib": _gib(watch.reset()), "nvidia_smi_peak_mib": watch.smi_peak_mib,
-                               "peak_by_state_gib": {k: _gib(v) for k, v in watch.phase_peaks.items()}}
+            report["start"] = {"peak_process_gib": gib(watch.reset()), "nvidia_smi_peak_mib": watch.smi_peak_mib,
+                               "peak_by_state_gib": {k: gib(v) for k, v in watch.phase_peaks.items()}}
             report["model"] = {k: engine.model_info()[k] for k in ("placement", "budget", "estimator", "allocator")}
             report["idle_after_warmup"] = _idle_footprint(engine, watch)
             _progress(report, options, "start and idle footprint")
@@ -204,7 +199,7 @@ def run_cohost(settings: Any, options: Any, cohost_gib: float) -> dict[str, Any]
             if options.synthetic and engine.placement.name != "resident":
                 # the synthetic model is built whole on the GPU before it is placed (real weights load to CPU
                 # RAM first): judge the start from warm-up on
-                peaks[0] = _gib(watch.phase_peaks.get("warming", 0))
+                peaks[0] = gib(watch.phase_peaks.get("warming", 0))
             report["start"]["judged_peak_gib"] = peaks[0]
             report["verdict"] = {
                 "budget_kept": None if budget is None else max(p for p in peaks if p is not None) <= budget,
@@ -231,8 +226,8 @@ def _idle_footprint(engine: BenchAPI, watch: ProcessWatch) -> dict[str, Any]:
 
     reserved = torch.cuda.memory_reserved()
     limit = weights + (outside or 0) + GiB
-    return {"process_gib": _gib(held), "weights_gib": _gib(weights), "outside_allocator_gib": _gib(outside),
-            "reserved_gib": _gib(reserved), "limit_gib": _gib(limit), "within": held <= limit,
+    return {"process_gib": gib(held), "weights_gib": gib(weights), "outside_allocator_gib": gib(outside),
+            "reserved_gib": gib(reserved), "limit_gib": gib(limit), "within": held <= limit,
             "last_release": engine.model_info()["last_cache_release"]}
 
 
@@ -316,7 +311,7 @@ def _http_sweep(engine: BenchAPI, options: Any, cohost_gib: float, prompt: Any,
                        "cohost_holding": cohost is not None and i >= grab_at, "cohost_grabbed_during": grabbing}
                 if answer.status_code == 200:
                     row.update(notes=data["notes"], decode_s=round(data["timings"].get("decode_s", 0), 3),
-                               peak_working_gib=_gib(data["peak_working_bytes"]))
+                               peak_working_gib=gib(data["peak_working_bytes"]))
                 else:
                     row.update(error=data.get("error"), message=data.get("message"))
                 rows.append(row)
@@ -336,7 +331,7 @@ def _http_sweep(engine: BenchAPI, options: Any, cohost_gib: float, prompt: Any,
     return {"rows": rows, "requests": len(rows), "ok": sum(r["status"] == 200 for r in rows),
             "refused": sum(r["status"] == 409 for r in rows), "ooms": sum(oom(r) for r in rows),
             "misjudged_ooms": len(misjudged), "failed_507": sum(r["status"] == 507 for r in rows),
-            "peak_process_gib": _gib(watch.peak), "cohost_error": cohost_error or None,
+            "peak_process_gib": gib(watch.peak), "cohost_error": cohost_error or None,
             "shapes": len(shapes) // 4, "grab_at": grab_at}
 
 
@@ -376,7 +371,7 @@ def _fallback(engine: BenchAPI, prompt: Any) -> dict[str, Any]:
     try:
         fooled = engine.admit(engine.validate(raw).request)
         out["admission_fooled"] = {"state": fooled.state, "decode_batch": fooled.decode_batch,
-                                   "need_gib": _gib(fooled.need_bytes), "available_gib": _gib(fooled.available_bytes)}
+                                   "need_gib": gib(fooled.need_bytes), "available_gib": gib(fooled.available_bytes)}
         seconds, result = _timed_generate(engine, raw)
     except EngineError as exc:
         out["error"] = str(exc)
@@ -387,9 +382,10 @@ def _fallback(engine: BenchAPI, prompt: Any) -> dict[str, Any]:
         est.learned = {**saved_learned, **learned}
         if engine.estimator_path is not None:  # what the fooled estimator saved must not outlive this test
             est.save(engine.estimator_path)
-    out.update(notes=result.notes, decode_s=round(result.timings["decode_s"], 4), total_s=round(seconds, 3),
-               normal_decode_s=round(sum(normal), 4), ran_out_of_memory=any("out of memory" in n for n in result.notes))
+    notes = [str(n) for n in result.notes]
+    out.update(notes=notes, decode_s=round(result.timings["decode_s"], 4), total_s=round(seconds, 3),
+               normal_decode_s=round(sum(normal), 4), ran_out_of_memory=any("out of memory" in n for n in notes))
     out["ratio"] = round(result.timings["decode_s"] / sum(normal), 3) if out["ran_out_of_memory"] else None
-    out["learned_gib"] = _gib(est.learned.get(shape, (None,))[0])
+    out["learned_gib"] = gib(est.learned.get(shape, (None,))[0])
     out["admission_after"] = engine.admit(engine.validate(raw).request).to_dict()
     return out

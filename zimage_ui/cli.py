@@ -37,12 +37,17 @@ _SERVE_ONLY = ("host", "port", "auth", "kiosk", "language", "auth_file", "open_h
 _METAVARS = {"max_queue": "N", "jobs_per_client": "N", "rate_limit_per_minute": "N", "ui_gallery_max": "N",
              "prompt_cache_size": "N", "max_side": "PIXELS", "auth": "USER:PASSWORD", "history_db": "FILE",
              "port": "PORT", "cors_origins": "ORIGINS", "login_failures_per_minute": "N", "max_connections": "N",
-             "allowed_hosts": "HOSTS", "header_timeout_seconds": "SECONDS", "vram_budget_gb": "GIB"}
+             "allowed_hosts": "HOSTS", "header_timeout_seconds": "SECONDS", "vram_budget_gb": "GIB",
+             "replicas": "N", "ray_address": "ADDRESS", "ray_app": "NAME"}
 
 # The server's door limits (docs/deployment.md, "Security defaults"): serve-only flags too.
 _DOOR_FLAGS = ("allowed_hosts", "login_failures_per_minute", "max_connections", "header_timeout_seconds")
 _SETTING_FLAGS += _DOOR_FLAGS
 _SERVE_ONLY += _DOOR_FLAGS
+# Scale-out on Ray Serve (zimage_ui/scale): serve only.
+_SCALE_FLAGS = ("replicas", "ray_address", "ray_app")
+_SETTING_FLAGS += _SCALE_FLAGS
+_SERVE_ONLY += _SCALE_FLAGS
 
 
 class CliError(Exception):

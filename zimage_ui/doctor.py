@@ -7,14 +7,14 @@ from typing import Any
 
 from .metadata import package_versions
 from .settings import Settings
-
-GB = 2**30
+from .units import gib_text
 
 
 def _gpu_section(settings: Settings) -> dict[str, Any]:
     import torch
 
     from .memory import nvml
+    from .memory.planner import FP8_MIN_CAPABILITY, fp8_capable
 
     if not torch.cuda.is_available():
         return {"cuda": "not available — the demo model and CPU inference only (float32)",
@@ -25,10 +25,10 @@ def _gpu_section(settings: Settings) -> dict[str, Any]:
     stats = nvml.gpu_stats(index)
     return {
         "gpu": props.name, "compute capability": f"{props.major}.{props.minor}",
-        "memory": f"{total / GB:.1f} GiB total, {free / GB:.1f} GiB free",
+        "memory": f"{gib_text(total)} total, {gib_text(free)} free",
         "driver": getattr(stats, "driver_version", None) or "unknown (NVML not available)",
         "cuda (torch)": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported(),
-        "fp8 (compute ≥ 8.9)": (props.major, props.minor) >= (8, 9),
+        f"fp8 (compute ≥ {'.'.join(map(str, FP8_MIN_CAPABILITY))})": fp8_capable((props.major, props.minor)),
     }
 
 
@@ -53,17 +53,12 @@ def _model_section(settings: Settings) -> dict[str, Any]:
 def _plan_section(settings: Settings) -> dict[str, Any]:
     import torch
 
-    from .memory.estimator import WorkingMemoryEstimator
-    from .memory.planner import Z_IMAGE_TURBO_BF16, DeviceFacts, plan
+    from .memory.planner import plan_for_device
 
     if not torch.cuda.is_available():
         return {"placement": "resident in CPU RAM (no GPU)"}
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    budget = int(settings.vram_budget_gb * GB) if settings.vram_budget_gb else None
-    facts = DeviceFacts(kind="cuda", name=props.name, total_bytes=props.total_memory,
-                        fp8_supported=(props.major, props.minor) >= (8, 9), budget_bytes=budget)
-    estimator = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
-    result = plan(facts, estimator, margin_bytes=settings.memory_margin_bytes)
+    result = plan_for_device(torch.device("cuda", torch.cuda.current_device()), budget_bytes=settings.vram_budget_bytes,
+                             margin_bytes=settings.memory_margin_bytes)
     head, *options = result.lines()
     return {"chosen": result.chosen.name, "why": result.chosen.description, "budget": head,
             **{f"option {i + 1}": line for i, line in enumerate(options)}}

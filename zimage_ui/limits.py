@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any
 
+from .messages import Count
 from .presets import PresetBook
 from .validation import Change, Validated
 
@@ -126,23 +127,23 @@ def kiosk_request(validated: Validated, book: PresetBook, *, demo: bool) -> Vali
     changes = list(validated.changes)
     fields: dict[str, Any] = {}
 
-    def change(name: str, before: Any, after: Any, why: str) -> None:
+    def change(name: str, before: Any, after: Any, code: str, **values: Any) -> None:
         if before != after:
-            changes.append(Change(name, before, after, f"kiosk: {why}"))
+            changes.append(Change(name, before, after, f"kiosk_{code}", values))
             fields[name] = after
 
-    change("steps", r.steps, preset.steps, f"{preset.name} runs {preset.steps} steps")
-    change("guidance", r.guidance, preset.guidance, f"{preset.name} runs guidance {preset.guidance:g}")
-    change("batch", r.batch, lim.batch[0], f"{lim.batch[0]} image a run")
+    change("steps", r.steps, preset.steps, "steps", preset=preset.name, steps=preset.steps)
+    change("guidance", r.guidance, preset.guidance, "guidance", preset=preset.name, guidance=float(preset.guidance))
+    change("batch", r.batch, lim.batch[0], "batch", images=Count(lim.batch[0], "images"))
     top = kiosk_pixels(book, demo=demo)
     if r.width * r.height > top:
         scale = math.sqrt(top / (r.width * r.height))
         step = lim.side_multiple
         for name, side in (("width", r.width), ("height", r.height)):
-            change(name, side, max(lim.side[0], int(side * scale) // step * step),
-                   f"at most {top / 1e6:.1f} megapixels")
+            change(name, side, max(lim.side[0], int(side * scale) // step * step), "pixels",
+                   megapixels=round(top / 1e6, 1))
     if r.negative_prompt and preset.guidance == 0 and "guidance" in fields:
-        change("negative_prompt", r.negative_prompt, "", "ignored without guidance (guidance is 0)")
+        change("negative_prompt", r.negative_prompt, "", "negative_ignored")
     if not fields:
         return validated
     return Validated(request=dataclasses.replace(r, **fields), changes=tuple(changes))

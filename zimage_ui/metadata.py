@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import secrets
 import struct
 import time
 from importlib import metadata as importlib_metadata
@@ -23,6 +21,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .files import PART_SUFFIX, write_atomic
 from .validation import RunRequest
 
 _VERSIONED = ("zimage-ui", "torch", "diffusers", "transformers")
@@ -121,35 +120,7 @@ def encode_png(image: Image.Image, info: PngImagePlugin.PngInfo, level: int = PN
     return buf.getvalue()
 
 
-PART_SUFFIX = ".part"
 STALE_PART_S = 60.0  # a PNG is written in well under a second; an older .part was left by a crash
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a half-written file.
-
-    The file gets the usual ``0o666`` minus the umask (0644 with the common umask 022), as ``open()`` would give,
-    not ``mkstemp``'s 0600: other users of the machine (a web server, the teacher's account) can read the images.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            break
-        except FileExistsError:  # 2**32 names; a clash is as good as impossible, but never overwrite
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path.resolve()
 
 
 def sweep_partial_files(folder: Path, *, older_than_s: float = STALE_PART_S) -> int:

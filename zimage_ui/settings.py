@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .units import GiB, gib_bytes
+
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("zimage_ui_config_file", default=None)
 
 
@@ -134,6 +136,13 @@ class Settings(BaseSettings):
     kiosk_idle_seconds: float = Field(120.0, ge=10, description="Kiosk mode: clear the gallery and prompt after "
                                                                 "this long without activity.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+    # scale-out on Ray Serve (zimage_ui/scale, docs/deployment.md): both need the `ray` extra
+    replicas: int = Field(0, ge=0, le=256, description="Serve through N engine replicas on a local Ray instance: "
+                                                       "one per GPU (at most N), or N on the CPUs without a GPU "
+                                                       "(0 = one engine in this process).")
+    ray_address: str | None = Field(None, description="Serve through the replicas of a Ray cluster (`auto` or "
+                                                      "HOST:PORT), deployed with deploy/ray-serve.yaml.")
+    ray_app: str = Field("zimage", description="The Ray Serve application's name (with --ray-address).")
 
     @field_validator("dtype")
     @classmethod
@@ -159,7 +168,12 @@ class Settings(BaseSettings):
 
     @property
     def memory_margin_bytes(self) -> int:
-        return int(self.memory_margin_gb * 2**30)
+        return int(self.memory_margin_gb * GiB)
+
+    @property
+    def vram_budget_bytes(self) -> int | None:
+        """``vram_budget_gb`` in bytes; None: no budget (0 is refused by the setting's ``gt=0``)."""
+        return gib_bytes(self.vram_budget_gb)
 
 
 class SettingsError(ValueError):

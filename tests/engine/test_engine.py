@@ -7,17 +7,16 @@ import pytest
 
 from zimage_ui.engine.engine import Engine, EngineState
 from zimage_ui.engine.jobs import JobCancelled, JobState, MemoryRefused, NotReady
-from zimage_ui.memory.probe import RawMemory
 from zimage_ui.settings import Settings
 from zimage_ui.validation import RequestError
+
+from ..support import demo_engine, small_machine
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    e = Engine(Settings(model="demo", output_dir=tmp_path_factory.mktemp("out"), max_queue=4))
-    e.start()
-    yield e
-    e.shutdown(0)
+    with demo_engine(save_images=True, output_dir=tmp_path_factory.mktemp("out"), max_queue=4) as e:
+        yield e
 
 
 def test_not_ready_before_start():
@@ -112,19 +111,6 @@ def test_bad_request_is_refused_before_the_queue(engine):
     assert info.value.field == "width"
 
 
-class SmallMachine:
-    """A memory source for a machine with only ``total`` bytes (this one is too big to fill honestly)."""
-
-    def __init__(self, total):
-        self.total = total
-
-    def read(self):
-        return RawMemory(kind="cpu", name="small", total=self.total, allocated=0, reserved=0, device_used=0)
-
-    def reset_peak(self):
-        pass
-
-
 def _shape(request):
     from zimage_ui.memory.estimator import WorkShape
 
@@ -140,7 +126,7 @@ def test_request_predicted_not_to_fit_is_refused(engine):
     margin = engine.settings.memory_margin_bytes
     assert need_huge > need_huge_chunked > need_small > 0
     total = engine.weights_bytes() + need_small + margin + (need_huge_chunked - need_small) // 2
-    with engine.test_seam().fake_memory(SmallMachine(total)):
+    with small_machine(engine, total):
         assert engine.admit(small).state == "ok"
         refused = engine.admit(huge)
         assert refused.state == "over" and refused.need_bytes == need_huge
@@ -149,6 +135,7 @@ def test_request_predicted_not_to_fit_is_refused(engine):
         assert engine.generate({"prompt": "x", "width": 256, "height": 256, "seed": 1}, timeout=60).images
 
 
+@pytest.mark.slow  # 21 s on a loaded 2-core machine
 def test_a_batch_whose_decode_does_not_fit_decodes_fewer_images_at_a_time(engine):
     raw = {"prompt": "a red circle", "width": 512, "height": 512, "batch": 4, "seed": 5}
     request = engine.validate(raw).request
@@ -157,7 +144,7 @@ def test_a_batch_whose_decode_does_not_fit_decodes_fewer_images_at_a_time(engine
     margin = engine.settings.memory_margin_bytes
     total = engine.weights_bytes() + one + margin + (full - one) // 4  # room for one image's decode, not four
     expected = engine.generate(raw, timeout=120)  # the whole batch decoded at once
-    with engine.test_seam().fake_memory(SmallMachine(total)):
+    with small_machine(engine, total):
         admission = engine.admit(request)
         assert admission.state == "ok" and 1 <= admission.decode_batch < 4, admission
         assert "decodes" in admission.message

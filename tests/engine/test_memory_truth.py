@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_ui.engine.engine import Engine
 from zimage_ui.engine.jobs import JobFailed
 from zimage_ui.memory.allocator import READY_HEADROOM_BYTES, START_HEADROOM_BYTES, ProcessBudget
 from zimage_ui.memory.estimator import (
@@ -25,10 +24,10 @@ from zimage_ui.memory.estimator import (
     plan_decode,
 )
 from zimage_ui.memory.probe import RawMemory
-from zimage_ui.settings import Settings
+from zimage_ui.units import GiB, MiB
 
-GiB = 2**30
-MiB = 2**20
+from ..support import demo_engine, wait_until
+
 H200_TOTAL = 140 * GiB
 
 
@@ -83,52 +82,31 @@ class FakeCudaSource:
         pass
 
 
-def demo_engine(tmp_path, allocator=None, **settings) -> Engine:
-    engine = Engine(Settings(model="demo", output_dir=tmp_path, save_images=False, **settings), allocator=allocator)
-    engine.start()
-    return engine
-
-
-def wait_for(predicate, timeout: float) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - t0
-
-
 SMALL = {"prompt": "a red circle", "width": 256, "height": 256, "seed": 1}
 
 
 # --- giving the cache back ----------------------------------------------------------------------------------------
 def test_cache_goes_back_after_warm_up_and_within_2_s_of_the_queue_going_empty(tmp_path):
     fake = FakeAllocator([int(1.3 * GiB)])
-    engine = demo_engine(tmp_path, fake)
-    try:
+    with demo_engine(fake, output_dir=tmp_path) as engine:
         assert engine.model_info()["last_cache_release"]["why"] == "warm-up" and len(fake.releases) == 1
         result = engine.generate(SMALL, timeout=60)
         finished = time.monotonic()
         assert result.images
-        wait_for(lambda: len(fake.releases) == 2, timeout=2.0)
+        wait_until(lambda: len(fake.releases) == 2, timeout=2.0, interval=0.02)
         assert fake.releases[1] - finished <= 2.0
         assert engine.model_info()["last_cache_release"]["why"] == "queue empty"
         time.sleep(1.5)  # idle: released once, not on every idle tick
         assert len(fake.releases) == 2
         assert engine.model_info()["cache_releases"] == 2
-    finally:
-        engine.shutdown(0)
 
 
 def test_keep_cache_keeps_it(tmp_path):
     fake = FakeAllocator([int(1.3 * GiB)])
-    engine = demo_engine(tmp_path, fake, keep_cache=True)
-    try:
+    with demo_engine(fake, output_dir=tmp_path, keep_cache=True) as engine:
         engine.generate(SMALL, timeout=60)
         time.sleep(2.0)
         assert fake.releases == [] and engine.model_info()["cache_releases"] == 0
-    finally:
-        engine.shutdown(0)
 
 
 def test_allocator_configuration_leaves_the_users_alone():
@@ -150,8 +128,7 @@ def test_allocator_configuration_leaves_the_users_alone():
 def test_budget_caps_the_allocator_below_the_budget_by_the_measured_context(tmp_path):
     context_at_start, context_warm = int(0.6 * GiB), int(1.3 * GiB)
     fake = FakeAllocator([context_at_start, context_warm])
-    engine = demo_engine(tmp_path, fake, vram_budget_gb=24)
-    try:
+    with demo_engine(fake, output_dir=tmp_path, vram_budget_gb=24) as engine:
         budget = 24 * GiB
         # before loading: the context as measured then, and room for the kernels still to load
         assert fake.caps[0] == budget - context_at_start - START_HEADROOM_BYTES
@@ -170,8 +147,6 @@ def test_budget_caps_the_allocator_below_the_budget_by_the_measured_context(tmp_
         # the whole process, as nvidia-smi counts it, stays within the budget when a job uses all of that
         peak_process = weights + admission.available_bytes + CUDA_RUNTIME_RESERVE_BYTES + context_warm
         assert peak_process + READY_HEADROOM_BYTES == budget
-    finally:
-        engine.shutdown(0)
 
 
 def test_budget_arithmetic():
@@ -185,8 +160,7 @@ def test_budget_arithmetic():
 
 def test_other_processes_that_leave_no_room_are_named(tmp_path):
     fake = FakeAllocator([int(1.3 * GiB)])
-    engine = demo_engine(tmp_path, fake)
-    try:
+    with demo_engine(fake, output_dir=tmp_path) as engine:
         weights = engine.weights_bytes()
         others = H200_TOTAL - weights - int(1.3 * GiB) - 64 * MiB  # an LLM server took nearly everything
         engine.test_seam().use_memory(FakeCudaSource(weights, int(1.3 * GiB), others=others))
@@ -200,16 +174,13 @@ def test_other_processes_that_leave_no_room_are_named(tmp_path):
             assert words in admission_message(admission, None, lang)
         engine.test_seam().use_memory(FakeCudaSource(weights, int(1.3 * GiB), others=0))
         assert engine.admit(engine.validate(SMALL).request).state == "ok"
-    finally:
-        engine.shutdown(0)
 
 
 # --- learning from an out-of-memory error, and the decode fallback -----------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    e = demo_engine(tmp_path_factory.mktemp("out"))
-    yield e
-    e.shutdown(0)
+    with demo_engine(output_dir=tmp_path_factory.mktemp("out")) as e:
+        yield e
 
 
 def oom(gib: float) -> torch.cuda.OutOfMemoryError:
@@ -264,6 +235,7 @@ def test_denoise_oom_is_learned_and_retried_once(engine):
     assert engine.predict_working_bytes(engine.validate(raw).request) >= GiB // 2
 
 
+@pytest.mark.slow  # 24 s on a loaded 2-core machine
 def test_tiles_are_sized_from_the_memory_left_and_a_clear_error_when_nothing_fits(engine):
     raw = {"prompt": "a green triangle", "width": 512, "height": 512, "seed": 3}
     plans: list[DecodePlan] = []

@@ -2,7 +2,6 @@
 device-side PIL conversion and the prompt cache's size — on the demo model, no GPU needed."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from zimage_ui.engine.runner import PromptCache, to_pil
 from zimage_ui.engine.worker import SerialWorker
 from zimage_ui.models.demo import build_demo_pipeline
 from zimage_ui.settings import Settings
+
+from ..support import demo_engine, wait_until
 
 REQ = {"prompt": "a red circle", "width": 256, "height": 256, "seed": 3}
 
@@ -31,10 +32,13 @@ def test_unknown_placement_names_the_choices():
         placing.normalize_placement("gpu-please")
 
 
-def test_every_planner_placement_can_be_applied():
+def test_the_planners_placements_are_the_names_the_setting_takes():
     from zimage_ui.memory.planner import PLACEMENTS
 
-    assert set(PLACEMENTS) == set(placing.PLACEMENT_NAMES)
+    assert [placing.normalize_placement(name) for name in PLACEMENTS] == list(PLACEMENTS)
+    with pytest.raises(ValueError) as refused:
+        placing.normalize_placement("nope")
+    assert str(refused.value).endswith("use auto or one of " + ", ".join(PLACEMENTS))  # fastest first
 
 
 def test_on_the_cpu_every_placement_is_resident():
@@ -83,25 +87,13 @@ def test_worker_call_runs_on_the_worker_thread_before_jobs():
 
 @pytest.fixture(scope="module")
 def idle_engine(tmp_path_factory):
-    e = Engine(Settings(model="demo", output_dir=tmp_path_factory.mktemp("out"), save_images=False,
-                        idle_unload_minutes=0.005))  # 0.3 s
-    e.start()
-    yield e
-    e.shutdown(0)
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    with demo_engine(output_dir=tmp_path_factory.mktemp("out"), idle_unload_minutes=0.005) as e:  # 0.3 s
+        yield e
 
 
 def test_idle_unload_then_reload_on_the_next_request(idle_engine):
     e = idle_engine
-    assert wait_for(lambda: e.model_info()["unloaded"]), "never unloaded while idle"
+    wait_until(lambda: e.model_info()["unloaded"], 10, what="unloaded while idle")
     info = e.model_info()
     assert info["unloads"] >= 1 and info["reloads"] == 0 and info["prompt_cache"]["size"] == 16
     assert e.admit(e.validate(REQ).request).state in ("ok", "tight")  # admission counts the weights as back
@@ -117,7 +109,7 @@ def test_metrics_report_unload_and_reload(idle_engine):
 
     from zimage_ui.service.metrics import ServiceMetrics
 
-    assert wait_for(lambda: idle_engine.model_info()["reloads"] >= 1 or idle_engine.model_info()["unloaded"])
+    wait_until(lambda: idle_engine.model_info()["reloads"] >= 1 or idle_engine.model_info()["unloaded"], 10)
     if idle_engine.model_info()["reloads"] == 0:
         idle_engine.generate(REQ, timeout=60)
     text = generate_latest(ServiceMetrics(idle_engine).registry).decode()

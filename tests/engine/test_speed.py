@@ -9,22 +9,20 @@ import pytest
 import torch
 
 from zimage_ui.engine.acceleration import ShapeGate, uncompile
-from zimage_ui.engine.engine import Engine
 from zimage_ui.engine.jobs import ClientBusy, Job, JobResult, JobState
 from zimage_ui.engine.runner import encode_prompt
 from zimage_ui.engine.worker import SerialWorker
-from zimage_ui.settings import Settings
 from zimage_ui.validation import RunRequest
+
+from ..support import demo_engine
 
 REQ = RunRequest("x", "", "turbo", 2, 0.0, 256, 256, 1, 1)
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    e = Engine(Settings(model="demo", output_dir=tmp_path_factory.mktemp("out"), max_queue=4))
-    e.start()
-    yield e
-    e.shutdown(0)
+    with demo_engine(save_images=True, output_dir=tmp_path_factory.mktemp("out"), max_queue=4) as e:
+        yield e
 
 
 def test_our_prompt_encode_gives_the_pipelines_numbers(engine):

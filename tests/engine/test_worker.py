@@ -9,6 +9,8 @@ from zimage_ui.engine.jobs import ClientBusy, Job, JobCancelled, JobFailed, JobR
 from zimage_ui.engine.worker import SerialWorker
 from zimage_ui.validation import RunRequest
 
+from ..support import wait_until
+
 REQ = RunRequest("x", "", "turbo", 4, 0.0, 256, 256, 1, 1)
 
 
@@ -39,19 +41,10 @@ def gate():
     w.stop(0)
 
 
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 def test_jobs_run_in_order_one_at_a_time(gate):
     g, w = gate
     jobs = [w.submit(Job(REQ))]
-    wait_for(lambda: jobs[0].state == JobState.RUNNING)
+    wait_until(lambda: jobs[0].state == JobState.RUNNING)
     jobs += [w.submit(Job(REQ)) for _ in range(2)]
     assert [w.position(j) for j in jobs] == [0, 1, 2]
     g.release.set()
@@ -63,7 +56,7 @@ def test_jobs_run_in_order_one_at_a_time(gate):
 def test_queue_full_is_its_own_error(gate):
     g, w = gate
     first = w.submit(Job(REQ))
-    wait_for(lambda: first.state == JobState.RUNNING)
+    wait_until(lambda: first.state == JobState.RUNNING)
     w.submit(Job(REQ))
     w.submit(Job(REQ))
     with pytest.raises(QueueFull) as info:
@@ -74,7 +67,7 @@ def test_queue_full_is_its_own_error(gate):
 def test_cancel_queued_leaves_at_once_and_positions_move_up(gate):
     g, w = gate
     running = w.submit(Job(REQ))
-    wait_for(lambda: running.state == JobState.RUNNING)
+    wait_until(lambda: running.state == JobState.RUNNING)
     second, third = w.submit(Job(REQ)), w.submit(Job(REQ))
     w.cancel(second)
     assert second.state == JobState.CANCELLED and w.position(third) == 1
@@ -88,7 +81,7 @@ def test_cancel_queued_leaves_at_once_and_positions_move_up(gate):
 def test_cancel_running_stops_at_next_step(gate):
     g, w = gate
     job = w.submit(Job(REQ))
-    wait_for(lambda: job.state == JobState.RUNNING)
+    wait_until(lambda: job.state == JobState.RUNNING)
     w.cancel(job)
     g.release.set()
     with pytest.raises(JobCancelled):
@@ -108,7 +101,7 @@ def test_one_job_per_owner_and_cancel_owner(gate):
 def test_eta_is_known_once_the_timer_has_a_measurement(gate):
     g, w = gate
     running = w.submit(Job(REQ))
-    wait_for(lambda: running.state == JobState.RUNNING)
+    wait_until(lambda: running.state == JobState.RUNNING)
     waiting = w.submit(Job(REQ))
     assert w.eta(waiting) is None
     w.timer.record(REQ, step_seconds=0.5, overhead_seconds=1.0)
@@ -161,7 +154,7 @@ def test_eta_follows_the_running_jobs_own_steps_not_the_learnt_average():
     try:
         running = w.submit(Job(req))
         waiting = w.submit(Job(req))
-        wait_for(lambda: running.step >= 6)
+        wait_until(lambda: running.step >= 6)
         asked = time.monotonic()
         eta_running, eta_waiting = w.eta(running), w.eta(waiting)
         countdown = []  # two readings within one step

@@ -6,17 +6,13 @@ import json
 
 import pytest
 
+from zimage_ui.memory.admission import AdmissionState, admit, admit_shape, available_bytes, largest_fitting
 from zimage_ui.memory.estimator import (
     CUDA_RUNTIME_RESERVE_BYTES,
-    AdmissionState,
     GiB,
     MiB,
     WorkingMemoryEstimator,
     WorkShape,
-    admit,
-    admit_shape,
-    available_bytes,
-    largest_fitting,
 )
 from zimage_ui.memory.probe import MemorySnapshot
 
@@ -220,7 +216,8 @@ def test_admission_messages_name_the_numbers_and_a_fitting_size():
     snap = snapshot(total=int(27.7 * GiB), weights=WEIGHTS, other=int(0.5 * GiB))  # ~7.6 GB available
     over = admit_shape(est, snap, WorkShape(2048, 2048))
     assert over.state == "over"
-    assert over.message.startswith("needs 9.5 GiB working memory, 7.7 GiB available — too large")
+    assert over.message.code == "admission.over_suggest" and over.message.values["need_bytes"] == over.need_bytes
+    assert str(over.message).startswith("needs 9.5 GiB working memory, 7.7 GiB available — too large")
     s = over.suggestion
     assert s is not None and s.width == s.height and s.width % 16 == 0
     assert f"largest that fits at this aspect: {s.width}x{s.height}" in over.message

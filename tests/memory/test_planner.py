@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from zimage_ui.memory.estimator import DEFAULT_MARGIN_BYTES, GiB, MiB, WorkingMemoryEstimator, WorkShape
+from zimage_ui.memory.estimator import DEFAULT_MARGIN_BYTES, WorkingMemoryEstimator, WorkShape
 from zimage_ui.memory.planner import (
     CUDA_CONTEXT_BYTES,
     PLACEMENTS,
@@ -15,7 +15,9 @@ from zimage_ui.memory.planner import (
     ComponentSizes,
     DeviceFacts,
     plan,
+    plan_for_device,
 )
+from zimage_ui.units import GiB, MiB
 
 EST = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
 
@@ -130,6 +132,18 @@ def test_cpu_plan_is_trivially_resident_in_ram():
     assert chosen.predicted_peak_bytes == 4 * MiB + est.predict(WorkShape(256, 256))
     facts = DeviceFacts.from_torch("cpu")
     assert facts.kind == "cpu" and facts.total_bytes > 0 and facts.overhead_bytes == 0
+
+
+def test_plan_for_device_reads_the_device_and_plans_the_released_model():
+    # what the engine's --placement auto and doctor both call: on this CPU the facts come from psutil
+    facts = DeviceFacts.from_torch("cpu", budget_bytes=512 * GiB)
+    est = WorkingMemoryEstimator.default_for("cpu", Z_IMAGE_TURBO_BF16.total_bytes)
+    result = plan_for_device("cpu", budget_bytes=512 * GiB, shape=WorkShape(512, 512), margin_bytes=0)
+    assert result.to_dict() == plan(facts, est, WorkShape(512, 512), margin_bytes=0).to_dict()
+    assert result.chosen.resident_bytes == Z_IMAGE_TURBO_BF16.total_bytes and result.overhead_bytes == 0
+    measured = plan_for_device("cpu", overhead_bytes=3 * GiB, margin_bytes=0)
+    assert measured.overhead_bytes == 3 * GiB and measured.options[0].need_bytes == (
+        measured.chosen.predicted_peak_bytes + 3 * GiB)
 
 
 def test_component_sizes_from_modules():

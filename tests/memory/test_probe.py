@@ -30,9 +30,8 @@ from zimage_ui.memory.probe import (
     make_probe,
     weights_on_device,
 )
+from zimage_ui.units import GiB, MiB
 
-GB = 2**30
-MB = 2**20
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,11 +53,11 @@ def cuda_raw(**kw) -> RawMemory:
     facts = dict(
         kind="cuda",
         name="NVIDIA H100 80GB HBM3",
-        total=80 * GB,
-        allocated=22 * GB,
-        reserved=25 * GB,
-        device_used=27 * GB,
-        peak_allocated=24 * GB,
+        total=80 * GiB,
+        allocated=22 * GiB,
+        reserved=25 * GiB,
+        device_used=27 * GiB,
+        peak_allocated=24 * GiB,
     )
     facts.update(kw)
     return RawMemory(**facts)
@@ -74,55 +73,55 @@ def assert_partition(snap: MemorySnapshot) -> None:
 
 
 def test_cuda_segments_follow_the_definitions():
-    weights = int(19.28 * GB)
+    weights = int(19.28 * GiB)
     snap = compose_snapshot(cuda_raw(), weights)
     assert snap.label == "GPU · VRAM" and snap.device_kind == "cuda"
     assert snap.weights_bytes == weights
-    assert snap.working_bytes == 22 * GB - weights  # allocated − weights
-    assert snap.cache_bytes == 3 * GB  # reserved − allocated
-    assert snap.other_bytes == 2 * GB  # device used − reserved (context + other processes)
-    assert snap.free_bytes == 80 * GB - 27 * GB  # = mem_get_info free
-    assert snap.peak_working_bytes == 24 * GB - weights
+    assert snap.working_bytes == 22 * GiB - weights  # allocated − weights
+    assert snap.cache_bytes == 3 * GiB  # reserved − allocated
+    assert snap.other_bytes == 2 * GiB  # device used − reserved (context + other processes)
+    assert snap.free_bytes == 80 * GiB - 27 * GiB  # = mem_get_info free
+    assert snap.peak_working_bytes == 24 * GiB - weights
     assert [name for name, _ in snap.segments()] == ["weights", "working", "cache", "other", "free"]
     assert_partition(snap)
 
 
 def test_cuda_without_nvml_has_no_nvml_block_and_same_segments():
-    with_nvml = cuda_raw(process_used=26 * GB, nvml={"device_used_bytes": 27 * GB, "process_used_bytes": 26 * GB})
-    a = compose_snapshot(cuda_raw(), 19 * GB)
-    b = compose_snapshot(with_nvml, 19 * GB)
+    with_nvml = cuda_raw(process_used=26 * GiB, nvml={"device_used_bytes": 27 * GiB, "process_used_bytes": 26 * GiB})
+    a = compose_snapshot(cuda_raw(), 19 * GiB)
+    b = compose_snapshot(with_nvml, 19 * GiB)
     assert a.nvml is None
-    assert b.nvml == {"device_used_bytes": 27 * GB, "process_used_bytes": 26 * GB}
+    assert b.nvml == {"device_used_bytes": 27 * GiB, "process_used_bytes": 26 * GiB}
     # NVML refines the split of `other` in the nvml block, never the bar
     assert a.segments() == b.segments()
 
 
 def test_cuda_other_and_cache_never_negative_and_clamped_to_total():
     # readings taken microseconds apart while a job allocates can disagree: reserved < allocated, used < reserved
-    snap = compose_snapshot(cuda_raw(allocated=30 * GB, reserved=29 * GB, device_used=28 * GB), 19 * GB)
+    snap = compose_snapshot(cuda_raw(allocated=30 * GiB, reserved=29 * GiB, device_used=28 * GiB), 19 * GiB)
     assert snap.cache_bytes == 0 and snap.other_bytes == 0
     assert_partition(snap)
     # weights larger than the device (a wrong callable) still partitions exactly
-    snap = compose_snapshot(cuda_raw(total=10 * GB), 40 * GB)
-    assert snap.weights_bytes == 10 * GB and snap.free_bytes == 0
+    snap = compose_snapshot(cuda_raw(total=10 * GiB), 40 * GiB)
+    assert snap.weights_bytes == 10 * GiB and snap.free_bytes == 0
     assert_partition(snap)
 
 
 def test_cuda_peak_is_at_least_current_working():
-    snap = compose_snapshot(cuda_raw(peak_allocated=20 * GB), 19 * GB)  # peak counter older than the reading
-    assert snap.peak_working_bytes == snap.working_bytes == 3 * GB
+    snap = compose_snapshot(cuda_raw(peak_allocated=20 * GiB), 19 * GiB)  # peak counter older than the reading
+    assert snap.peak_working_bytes == snap.working_bytes == 3 * GiB
 
 
 def test_cpu_segments_use_baseline_and_ram_used():
-    raw = RawMemory(kind="cpu", name="CPU", total=16 * GB, allocated=3 * GB, reserved=3 * GB, device_used=10 * GB)
-    snap = compose_snapshot(raw, weights_bytes=1 * GB, baseline_bytes=2 * GB, peak_growth_bytes=512 * MB)
+    raw = RawMemory(kind="cpu", name="CPU", total=16 * GiB, allocated=3 * GiB, reserved=3 * GiB, device_used=10 * GiB)
+    snap = compose_snapshot(raw, weights_bytes=1 * GiB, baseline_bytes=2 * GiB, peak_growth_bytes=512 * MiB)
     assert snap.label == "CPU · RAM"
-    assert snap.working_bytes == 1 * GB  # RSS growth above the idle baseline
+    assert snap.working_bytes == 1 * GiB  # RSS growth above the idle baseline
     assert snap.cache_bytes == 0
-    assert snap.other_bytes == 10 * GB - 1 * GB - 1 * GB  # RAM used by everything else
-    assert snap.free_bytes == 6 * GB
-    assert snap.peak_working_bytes == 1 * GB  # never below the current working
-    no_baseline = compose_snapshot(raw, weights_bytes=1 * GB)
+    assert snap.other_bytes == 10 * GiB - 1 * GiB - 1 * GiB  # RAM used by everything else
+    assert snap.free_bytes == 6 * GiB
+    assert snap.peak_working_bytes == 1 * GiB  # never below the current working
+    no_baseline = compose_snapshot(raw, weights_bytes=1 * GiB)
     assert no_baseline.working_bytes == 0 and no_baseline.peak_working_bytes == 0
     assert_partition(snap)
 
@@ -154,7 +153,7 @@ def test_segments_always_partition_the_total(raw, weights, baseline, peak):
 
 
 def test_to_dict_is_json_with_int_bytes():
-    snap = compose_snapshot(cuda_raw(nvml={"driver_version": "580.1"}), 19 * GB)
+    snap = compose_snapshot(cuda_raw(nvml={"driver_version": "580.1"}), 19 * GiB)
     data = json.loads(json.dumps(snap.to_dict()))
     for key, value in data.items():
         if key.endswith("_bytes"):
@@ -167,27 +166,27 @@ def test_to_dict_is_json_with_int_bytes():
 
 def test_probe_uses_the_weights_callable_and_resets_the_source_peak():
     source = FakeSource(cuda_raw())
-    weights = {"bytes": 19 * GB}
+    weights = {"bytes": 19 * GiB}
     probe = MemoryProbe(source, lambda: weights["bytes"])
-    assert probe.snapshot().weights_bytes == 19 * GB
-    weights["bytes"] = 12 * GB  # text encoder offloaded
-    assert probe.snapshot().weights_bytes == 12 * GB
+    assert probe.snapshot().weights_bytes == 19 * GiB
+    weights["bytes"] = 12 * GiB  # text encoder offloaded
+    assert probe.snapshot().weights_bytes == 12 * GiB
     probe.mark_baseline()  # a no-op on CUDA
     probe.reset_peak()
     assert source.resets == 1
 
 
 def test_cpu_probe_tracks_peak_from_samples_with_injected_rss():
-    source = FakeSource(RawMemory("cpu", "CPU", 16 * GB, 2 * GB, 2 * GB, 8 * GB))
-    probe = MemoryProbe(source, lambda: 1 * GB)
+    source = FakeSource(RawMemory("cpu", "CPU", 16 * GiB, 2 * GiB, 2 * GiB, 8 * GiB))
+    probe = MemoryProbe(source, lambda: 1 * GiB)
     probe.mark_baseline()
-    source.raw = RawMemory("cpu", "CPU", 16 * GB, 3 * GB, 3 * GB, 9 * GB)
+    source.raw = RawMemory("cpu", "CPU", 16 * GiB, 3 * GiB, 3 * GiB, 9 * GiB)
     probe.sample()
-    source.raw = RawMemory("cpu", "CPU", 16 * GB, 2 * GB + 100 * MB, 2 * GB + 100 * MB, 8 * GB)
+    source.raw = RawMemory("cpu", "CPU", 16 * GiB, 2 * GiB + 100 * MiB, 2 * GiB + 100 * MiB, 8 * GiB)
     snap = probe.snapshot()
-    assert snap.working_bytes == 100 * MB and snap.peak_working_bytes == 1 * GB
+    assert snap.working_bytes == 100 * MiB and snap.peak_working_bytes == 1 * GiB
     probe.reset_peak()
-    assert probe.snapshot().peak_working_bytes == 100 * MB
+    assert probe.snapshot().peak_working_bytes == 100 * MiB
 
 
 # --- the real CPU source ------------------------------------------------------------------------------------------
@@ -208,17 +207,17 @@ def test_real_cpu_probe_sees_a_200_mb_allocation():
     assert isinstance(probe.source, CpuMemorySource)
     probe.mark_baseline()
     probe.reset_peak()
-    block = np.ones(200 * MB // 8)  # np.ones writes every page, so RSS really grows
+    block = np.ones(200 * MiB // 8)  # np.ones writes every page, so RSS really grows
     probe.sample()
     during = probe.snapshot()
-    assert during.working_bytes >= 150 * MB
-    assert during.peak_working_bytes >= 150 * MB
+    assert during.working_bytes >= 150 * MiB
+    assert during.peak_working_bytes >= 150 * MiB
     del block
     after = probe.snapshot()
-    assert after.peak_working_bytes >= 150 * MB  # the peak outlives the allocation
-    assert after.working_bytes < during.working_bytes  # a 200 MB block is mmap'd and returned on free
+    assert after.peak_working_bytes >= 150 * MiB  # the peak outlives the allocation
+    assert after.working_bytes < during.working_bytes  # a 200 MiB block is mmap'd and returned on free
     probe.reset_peak()
-    assert probe.snapshot().peak_working_bytes < 150 * MB
+    assert probe.snapshot().peak_working_bytes < 150 * MiB
 
 
 def test_probe_is_usable_from_a_timer_thread_while_another_samples():
@@ -263,10 +262,10 @@ def fake_cuda(monkeypatch):
         raise AssertionError("the probe must never synchronize")
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (57 * GB, 80 * GB))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 21 * GB)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 19 * GB + 3 * GB)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 22 * GB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (57 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 21 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 19 * GiB + 3 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 22 * GiB)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i: calls.__setitem__("reset", calls["reset"] + 1))
     return calls
@@ -275,26 +274,26 @@ def fake_cuda(monkeypatch):
 def test_cuda_source_reads_allocator_and_mem_get_info_without_nvml(fake_cuda, monkeypatch):
     monkeypatch.setattr(nvml, "device_memory", lambda i: None)
     raw = CudaMemorySource(0).read()
-    assert raw.device_used == 23 * GB and raw.total == 80 * GB  # total − mem_get_info free
-    assert (raw.allocated, raw.reserved, raw.peak_allocated) == (21 * GB, 22 * GB, 22 * GB)
+    assert raw.device_used == 23 * GiB and raw.total == 80 * GiB  # total − mem_get_info free
+    assert (raw.allocated, raw.reserved, raw.peak_allocated) == (21 * GiB, 22 * GiB, 22 * GiB)
     assert raw.process_used is None and raw.nvml is None
-    probe = MemoryProbe(CudaMemorySource(0), lambda: 19 * GB)
+    probe = MemoryProbe(CudaMemorySource(0), lambda: 19 * GiB)
     snap = probe.snapshot()
     segments = (snap.working_bytes, snap.cache_bytes, snap.other_bytes, snap.free_bytes)
-    assert segments == (2 * GB, 1 * GB, 1 * GB, 57 * GB)
+    assert segments == (2 * GiB, 1 * GiB, 1 * GiB, 57 * GiB)
     probe.reset_peak()
     assert fake_cuda["reset"] == 1
 
 
 def test_cuda_source_splits_other_with_nvml(fake_cuda, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (56 * GB, 80 * GB))
-    monkeypatch.setattr(nvml, "device_memory", lambda i: (80 * GB, 24 * GB))
-    monkeypatch.setattr(nvml, "process_used_bytes", lambda i, pid=None: 22 * GB + 512 * MB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (56 * GiB, 80 * GiB))
+    monkeypatch.setattr(nvml, "device_memory", lambda i: (80 * GiB, 24 * GiB))
+    monkeypatch.setattr(nvml, "process_used_bytes", lambda i, pid=None: 22 * GiB + 512 * MiB)
     monkeypatch.setattr(nvml, "driver_version", lambda: "580.65")
-    snap = MemoryProbe(CudaMemorySource(0), lambda: 19 * GB).snapshot()
-    assert snap.other_bytes == 2 * GB  # (80 − 56) − 22 reserved
-    assert snap.nvml["context_bytes"] == 512 * MB
-    assert snap.nvml["other_processes_bytes"] == 24 * GB - (22 * GB + 512 * MB)
+    snap = MemoryProbe(CudaMemorySource(0), lambda: 19 * GiB).snapshot()
+    assert snap.other_bytes == 2 * GiB  # (80 − 56) − 22 reserved
+    assert snap.nvml["context_bytes"] == 512 * MiB
+    assert snap.nvml["other_processes_bytes"] == 24 * GiB - (22 * GiB + 512 * MiB)
     assert snap.nvml["driver_version"] == "580.65"
 
 
@@ -346,14 +345,14 @@ def _fake_pynvml(inits: list[int]):
     lib.nvmlInit = init
     lib.nvmlDeviceGetHandleByIndex = lambda i: f"handle{i}"
     lib.nvmlDeviceGetHandleByPciBusId = lambda bus: f"bus{bus}"
-    lib.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * GB, used=30 * GB)
+    lib.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * GiB, used=30 * GiB)
     lib.nvmlDeviceGetComputeRunningProcesses = lambda h: [
-        _Proc(pid, 20 * GB),
-        _Proc(pid, 1 * GB),
-        _Proc(pid + 1, 9 * GB),
+        _Proc(pid, 20 * GiB),
+        _Proc(pid, 1 * GiB),
+        _Proc(pid + 1, 9 * GiB),
         _Proc(pid, None),
     ]
-    lib.nvmlDeviceGetGraphicsRunningProcesses = lambda h: [_Proc(pid, 21 * GB)]  # the same process, C+G
+    lib.nvmlDeviceGetGraphicsRunningProcesses = lambda h: [_Proc(pid, 21 * GiB)]  # the same process, C+G
     lib.nvmlDeviceGetName = lambda h: b"NVIDIA H200"
     lib.nvmlSystemGetDriverVersion = lambda: "580.65.06"
     lib.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=97, memory=40)
@@ -376,11 +375,11 @@ def fake_pynvml(monkeypatch):
 
 def test_nvml_wrapper_with_a_fake_library(fake_pynvml):
     assert nvml.nvml_available()
-    assert nvml.device_memory(1) == (80 * GB, 30 * GB)
+    assert nvml.device_memory(1) == (80 * GiB, 30 * GiB)
     assert nvml._state["handles"][1] == "handle5"  # CUDA 1 → NVML 5 via CUDA_VISIBLE_DEVICES
-    # compute list: 20 + 1 GB for our pid (other pids and unknown usage ignored); graphics: 21 GB → max, not sum
-    assert nvml.process_used_bytes(0) == 21 * GB
-    assert nvml.process_used_bytes(0, pid=os.getpid() + 1) == 9 * GB
+    # compute list: 20 + 1 GiB for our pid (other pids and unknown usage ignored); graphics: 21 GiB → max, not sum
+    assert nvml.process_used_bytes(0) == 21 * GiB
+    assert nvml.process_used_bytes(0, pid=os.getpid() + 1) == 9 * GiB
     assert nvml.process_used_bytes(0, pid=1) is None
     stats = nvml.gpu_stats(0)
     assert stats.name == "NVIDIA H200" and stats.driver_version == "580.65.06"
@@ -419,6 +418,7 @@ def test_nvml_init_failure_is_cached_not_raised(monkeypatch):
 # --- import hygiene and docs --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter: 20 s on a loaded 2-core machine
 def test_import_has_no_side_effects():
     # (torch itself imports pynvml, so "pynvml in sys.modules" proves nothing; nvmlInit not having run does)
     code = "import torch, zimage_ui.memory as m; print(torch.cuda.is_initialized(), m.nvml._state['init'])"
@@ -463,17 +463,18 @@ def test_bar_used_is_nvml_used_when_nvml_describes_the_device(fake_cuda, monkeyp
 
 def test_device_totals_keeps_the_runtime_view_when_nvml_does_not_fit():
     # a MIG slice or another GPU's handle: NVML's total is far from the runtime's
-    assert device_totals(20 * GB, 5 * GB, {"device_total_bytes": 80 * GB, "device_used_bytes": 60 * GB}) == (
-        20 * GB, 15 * GB)
-    assert device_totals(20 * GB, 5 * GB, {"device_total_bytes": 19 * GB, "device_used_bytes": 14 * GB}) == (
-        20 * GB, 15 * GB)
-    assert device_totals(20 * GB, 5 * GB, {"device_total_bytes": None, "device_used_bytes": None}) == (20 * GB, 15 * GB)
+    assert device_totals(20 * GiB, 5 * GiB, {"device_total_bytes": 80 * GiB, "device_used_bytes": 60 * GiB}) == (
+        20 * GiB, 15 * GiB)
+    assert device_totals(20 * GiB, 5 * GiB, {"device_total_bytes": 19 * GiB, "device_used_bytes": 14 * GiB}) == (
+        20 * GiB, 15 * GiB)
+    assert device_totals(20 * GiB, 5 * GiB, {"device_total_bytes": None, "device_used_bytes": None}) == (
+        20 * GiB, 15 * GiB)
 
 
 def test_device_totals_never_shows_more_free_than_the_runtime_has():
     # NVML's used taken a moment before an allocation: free stays at the runtime's figure
     total, used = device_totals(H100_RUNTIME_TOTAL, H100_FREE, {"device_total_bytes": H100_NVML_TOTAL,
-                                                               "device_used_bytes": H100_NVML_USED - GB})
+                                                               "device_used_bytes": H100_NVML_USED - GiB})
     assert (total, total - used) == (H100_NVML_TOTAL, H100_FREE)
 
 
@@ -485,10 +486,11 @@ def test_reconciled_bar_matches_nvml_in_every_recorded_h100_reading():
         idle = json.loads(path.read_text()).get("vram_bar", {}).get("idle")
         if idle and idle.get("nvml_used_bytes"):
             readings.append(idle)
-    assert len(readings) >= 10
+    # the runs recorded before the reconciliation drew a bar that missed the driver's reserve; later runs (L on)
+    # already drew the reconciled one
+    assert sum(idle["bar_used_bytes"] != idle["nvml_used_bytes"] for idle in readings) >= 10
     for idle in readings:
         runtime_total, runtime_free = sum(idle["segments"].values()), idle["segments"]["free"]
-        assert idle["bar_used_bytes"] != idle["nvml_used_bytes"]  # the old arithmetic missed the driver's reserve
         nvml_facts = {"device_total_bytes": idle["nvml_total_bytes"], "device_used_bytes": idle["nvml_used_bytes"]}
         total, used = device_totals(runtime_total, runtime_free, nvml_facts)
         assert (total, used) == (idle["nvml_total_bytes"], idle["nvml_used_bytes"])

@@ -130,7 +130,7 @@ def test_request_notes_name_unknown_words_and_untrained_sizes():
     from zimage_ui.validation import RunRequest
 
     def notes(prompt: str, side: int) -> list[str]:
-        return demo.request_notes(RunRequest(prompt, "", "turbo", 8, 0.0, side, side, 1, 1))
+        return [str(n) for n in demo.request_notes(RunRequest(prompt, "", "turbo", 8, 0.0, side, side, 1, 1))]
 
     assert notes(PROMPT, 256) == []
     assert notes("a Red dragon on a blue castle, dragon!", 256) == [

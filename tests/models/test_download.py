@@ -5,7 +5,6 @@ Both hubs are pointed at http://127.0.0.1:9 (the discard port; nothing listens, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 from zimage_ui.models.demo import build_demo_pipeline
 from zimage_ui.models.download import DownloadError, download_model
 from zimage_ui.models.sources import TURBO_REPO, find_in_hf_cache
+
+from ..support import make_hf_snapshot
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"
 
@@ -59,24 +60,14 @@ def test_hf_unreachable_but_cached_returns_the_snapshot(dead_hf: None, tmp_path:
     src = tmp_path / "src"
     build_demo_pipeline().save_pretrained(src)
     cache = tmp_path / "hub"
-    repo_dir = cache / "models--Tongyi-MAI--Z-Image-Turbo"
-    rev = "c" * 40
-    for f in src.rglob("*"):
-        if f.is_file():
-            blob = repo_dir / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, blob)
-            link = repo_dir / "snapshots" / rev / f.relative_to(src)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(rev)
+    snap = make_hf_snapshot(cache, TURBO_REPO, src, rev="c" * 40)
 
     path = download_model("hf", cache_dir=cache)
-    assert path == repo_dir / "snapshots" / rev == find_in_hf_cache(TURBO_REPO, cache)
+    assert path == snap == cache / "models--Tongyi-MAI--Z-Image-Turbo" / "snapshots" / ("c" * 40)
+    assert path == find_in_hf_cache(TURBO_REPO, cache)
 
     # An incomplete cached snapshot is reported, not returned.
-    shutil.rmtree(repo_dir / "snapshots" / rev / "vae")
+    shutil.rmtree(snap / "vae")
     with pytest.raises(DownloadError) as exc:
         download_model("hf", cache_dir=cache)
     msg = str(exc.value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +23,8 @@ from zimage_ui.models.sources import (
     ModelSource,
     resolve_model,
 )
+
+from ..support import make_hf_snapshot
 
 PROMPT = "a red cat under a blue sky"
 # Weights read from safetensors are not 64-byte aligned like freshly allocated ones, so CPU BLAS takes other code
@@ -193,26 +194,9 @@ def test_load_folder_in_bf16(demo_dir: Path) -> None:
     assert lm.pipe.text_encoder.dtype == torch.bfloat16
 
 
-def _hf_layout(cache: Path, repo_id: str, src: Path) -> Path:
-    # Same shape as huggingface_hub writes: blobs/, snapshots/<commit>/ of relative symlinks, refs/main.
-    rev = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
-    for f in src.rglob("*"):
-        if f.is_file():
-            blob = repo_dir / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, blob)
-            link = repo_dir / "snapshots" / rev / f.relative_to(src)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(rev)
-    return repo_dir / "snapshots" / rev
-
-
 def test_load_from_hf_cache(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             reference: np.ndarray) -> None:
-    snap = _hf_layout(tmp_path / "hub", TURBO_REPO, demo_dir)
+    snap = make_hf_snapshot(tmp_path / "hub", TURBO_REPO, demo_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     lm = load_model(resolve_model("hf:" + TURBO_REPO).source)
     assert lm.source.path == snap and lm.label == "Tongyi-MAI/Z-Image-Turbo (Hugging Face cache)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,8 @@ from zimage_ui.models.sources import (
     resolve_model,
 )
 
-REV_A = "a" * 40
+from ..support import REV_A, make_hf_snapshot
+
 REV_B = "b" * 40
 
 
@@ -37,27 +37,6 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("demo") / "saved"
     build_demo_pipeline().save_pretrained(folder)
     return folder
-
-
-def make_hf_snapshot(cache: Path, repo_id: str, src: Path, rev: str = REV_A, ref: bool = True) -> Path:
-    """Write ``src`` into an HF hub cache layout: blobs/ + snapshots/<rev>/ of relative symlinks + refs/main."""
-    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = repo_dir / "snapshots" / rev
-    for f in sorted(src.rglob("*")):
-        if not f.is_file():
-            continue
-        data = f.read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        if not blob.exists():
-            blob.write_bytes(data)
-        link = snap / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    if ref:
-        (repo_dir / "refs").mkdir(exist_ok=True)
-        (repo_dir / "refs" / "main").write_text(rev)
-    return snap
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

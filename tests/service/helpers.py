@@ -1,4 +1,5 @@
-"""A real zimage-ui server for tests: uvicorn on a loopback socket, the demo model, in this process or another."""
+"""A real zimage-ui server for tests: uvicorn on a loopback socket, the demo model, in this process or another.
+(``free_port`` and ``wait_until`` come from tests/support.py and are named here for the service tests.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import httpx
 from zimage_ui.service.server import Service, loopback_socket
 from zimage_ui.settings import Settings
 
+from ..support import free_port, wait_until
+
 START_TIMEOUT_S = 120  # a loaded CI machine imports torch and builds the demo model slowly
 
 
@@ -25,19 +28,13 @@ def free_socket() -> socket.socket:
     return loopback_socket()
 
 
-def free_port() -> int:
-    with free_socket() as sock:
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout} s")
+def metric(http: httpx.Client, name: str) -> float:
+    """One sample's value from /metrics (0 when absent)."""
+    for line in http.get("/metrics").text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name:
+            return float(value)
+    return 0.0
 
 
 def wait_ready(url: str, timeout: float = START_TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:
@@ -135,14 +132,15 @@ def demo_settings(tmp: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def serve_subprocess(tmp: Path, *args: str, port: int | None = None,
-                     log_name: str = "server.log") -> tuple[subprocess.Popen, str, Path]:
-    """``zimage-ui serve --model demo`` as a user starts it; returns (process, base URL, log file)."""
+def serve_subprocess(tmp: Path, *args: str, port: int | None = None, log_name: str = "server.log",
+                     launcher: tuple[str, ...] = ("-m", "zimage_ui.cli")) -> tuple[subprocess.Popen, str, Path]:
+    """``zimage-ui serve --model demo`` as a user starts it; returns (process, base URL, log file).
+    ``launcher``: the interpreter's arguments before ``serve`` (another way to start the same CLI)."""
     port = port or free_port()
     log = tmp / log_name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "zimage_ui.cli", "serve", "--model", "demo", "--port", str(port),
+    cmd = [sys.executable, *launcher, "serve", "--model", "demo", "--port", str(port),
            "--output-dir", str(tmp / "out"), *args]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp)

@@ -13,10 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from zimage_ui.memory.probe import RawMemory
 from zimage_ui.validation import RunRequest
 
-from .helpers import Gate, LiveServer, demo_settings, held_demo_engine, statuses_until_ready, wait_until
+from ..support import small_machine
+from .helpers import (
+    Gate,
+    LiveServer,
+    demo_settings,
+    held_demo_engine,
+    metric,
+    statuses_until_ready,
+    wait_until,
+)
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
 
@@ -48,15 +56,6 @@ def runner(server):
     if isinstance(runner.fault_hook, Gate):  # a failed test must not leave the next one's job held
         runner.fault_hook.release.set()
     runner.fault_hook = None
-
-
-def metric(http: httpx.Client, name: str) -> float:
-    """One sample's value from /metrics (0 when absent)."""
-    for line in http.get("/metrics").text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == name:
-            return float(value)
-    return 0.0
 
 
 def png_parameters(data: bytes) -> str:
@@ -188,6 +187,19 @@ def test_garbage_gets_422_naming_the_field(http, body, field):
     r = http.post("/api/v1/generate", json=body)
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field and field in r.json()["message"]
+    error = r.json()["errors"][0]  # the message as data too: a code from the catalogue and its figures
+    assert error["code"].startswith("error.") and isinstance(error["values"], dict) and error["message"]
+
+
+def test_changes_carry_codes_beside_the_english(http):
+    r = http.post("/api/v1/generate", json={"prompt": "x", "seed": 3, **SMALL, "steps": 999},
+                  headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    steps = next(c for c in r.json()["changes"] if c["field"] == "steps")
+    assert steps["code"] == "preset_range" and steps["values"]["low"] == 1 and steps["after"] == steps["values"]["high"]
+    assert steps["reason"] == f"turbo allows 1–{steps['after']}" and steps["before"] == 999
+    assert r.json()["clamped"] == [f"steps 999 → {steps['after']} (turbo allows 1–{steps['after']})"]
+    assert isinstance(r.json()["note_codes"], list) and len(r.json()["note_codes"]) == len(r.json()["notes"])
 
 
 @pytest.mark.parametrize("raw", [b"", b"not json", b'{"prompt": "x"', b"\xff\xfe", b"[" * 10_000,
@@ -209,19 +221,6 @@ def test_query_errors_name_the_parameter(http):
     assert r.status_code == 422 and r.json()["field"] == "limit"
 
 
-class SmallMachine:
-    """A memory source for a machine with only ``total`` bytes (this one is too big to fill honestly)."""
-
-    def __init__(self, total: int):
-        self.total = total
-
-    def read(self) -> RawMemory:
-        return RawMemory(kind="cpu", name="small", total=self.total, allocated=0, reserved=0, device_used=0)
-
-    def reset_peak(self) -> None:
-        pass
-
-
 def test_predicted_not_to_fit_is_409_with_the_need(http, server):
     engine = server.engine
     huge = {"prompt": "x", "width": 2048, "height": 2048, "batch": 4, "seed": 1}
@@ -233,15 +232,16 @@ def test_predicted_not_to_fit_is_409_with_the_need(http, server):
     # too little even to decode one image at a time
     need_chunked = engine.estimator.predict_chunked(WorkShape(2048, 2048, 4), 1)
     total = engine.weights_bytes() + need_small + engine.settings.memory_margin_bytes + (need_chunked - need_small) // 2
-    with engine.test_seam().fake_memory(SmallMachine(total)):
+    with small_machine(engine, total):
         r = http.post("/api/v1/generate", json=huge)
         assert r.status_code == 409
         body = r.json()
         assert body["error"] == "insufficient_memory" and body["need_bytes"] == need_huge
         assert 0 < body["available_bytes"] < need_huge and "too large" in body["message"]
+        assert body["message_code"].startswith("admission.over") and body["message_values"]["need_bytes"] == need_huge
         assert http.get("/api/v1/vram").json()["total_bytes"] == total
         assert http.post("/api/v1/generate", json=small).status_code == 200
-        assert metric(http, 'zimage_rejections_total{reason="memory"}') >= 1
+    assert metric(http, 'zimage_rejections_total{reason="memory"}') >= 1
 
 
 # --- overload, disconnect -----------------------------------------------------------------------------------

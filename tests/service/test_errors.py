@@ -68,15 +68,15 @@ def test_message_and_fields_can_be_given():
     assert json.loads(answer.body) == {"error": "not_ready", "message": "not ready: warming up", "status": "warming"}
 
 
-def test_metrics_and_the_page_map_from_the_same_kinds():
+def test_metrics_map_from_the_same_kinds():
     assert {rejection_reason(ERRORS[k]) for k in REJECTION_KINDS} == set(REJECTION_KINDS)
     assert rejection_reason(ERRORS["oom"]) == "other"
-    pytest.importorskip("gradio")
-    from zimage_ui.ui.page import refusal_text
 
-    texts = {k: refusal_text(ERRORS[k], "en") for k in REJECTION_KINDS}
-    assert len(set(texts.values())) == len(REJECTION_KINDS)  # a message of its own for each refusal
-    assert "4" in texts["queue_full"] and "too large" in texts["memory"]
+
+def test_a_typed_refusal_gives_its_code_and_figures():
+    body = json.loads(engine_error_response(ERRORS["queue_full"]).body)
+    assert body["message_code"] == "refusal.queue_full" and body["message_values"]["depth"] == 4
+    assert "message_code" not in json.loads(engine_error_response(ERRORS["failed"]).body)  # plain text: none
 
 
 def test_generate_before_the_engine_is_ready_is_503_with_its_state(tmp_path):

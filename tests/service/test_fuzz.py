@@ -96,6 +96,7 @@ def check_answer(body: object, r: httpx.Response) -> None:
         assert r.status_code == 409, (body, r.status_code, r.text[:300])  # memory: never on this machine
 
 
+@pytest.mark.slow  # 70 s on a loaded 2-core machine
 @fuzz(EXAMPLES)
 @given(body=bodies)
 def test_random_json_bodies_never_5xx(http, body):
@@ -103,6 +104,7 @@ def test_random_json_bodies_never_5xx(http, body):
                                  headers={"Content-Type": "application/json"}))
 
 
+@pytest.mark.slow  # 154 s on a loaded 2-core machine
 @fuzz(NEAR_VALID_EXAMPLES)
 @given(body=near_valid)
 def test_near_valid_bodies_run_or_get_422(http, body):

@@ -11,14 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from zimage_ui.engine.jobs import Job, JobResult
 from zimage_ui.service.history import History, HistoryUnavailable
 from zimage_ui.validation import RunRequest
 
-from .helpers import LiveServer, demo_settings, wait_until
+from .helpers import LiveServer, demo_settings, metric, wait_until
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
 REQUEST = RunRequest("a red circle", "", "turbo", 2, 0.0, 256, 256, 7, 1)
@@ -126,14 +125,6 @@ def test_an_unwritable_file_turns_history_off_and_keeps_going(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if "corrupt" in p.name] == []  # not the file's fault: left alone
 
 
-def _metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == name:
-            return float(value)
-    raise AssertionError(f"no {name} in /metrics")
-
-
 def test_the_server_starts_on_a_garbage_history_and_says_so(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -145,7 +136,7 @@ def test_the_server_starts_on_a_garbage_history_and_says_so(tmp_path):
             assert ready.status_code == 200
             assert "moved aside" in ready.json()["degraded"]["history"]
             assert str(tmp_path) not in ready.text
-            assert _metric(http, "zimage_history_degraded") == 1
+            assert metric(http, "zimage_history_degraded") == 1
             made = http.post("/api/v1/generate", json={"prompt": "after", **SMALL})
             assert made.status_code == 200 and made.headers["x-zimage-history-id"] == "1"
             assert [i["prompt"] for i in http.get("/api/v1/history").json()["items"]] == ["after"]
@@ -170,7 +161,7 @@ def test_a_read_only_history_leaves_the_server_ready_and_history_reads_503(tmp_p
                 page = http.get("/api/v1/history")
                 assert page.status_code == 503 and page.json()["error"] == "history_unavailable"
                 assert str(tmp_path) not in page.text
-                assert _metric(http, "zimage_history_rows_dropped_total") == 1
+                assert metric(http, "zimage_history_rows_dropped_total") == 1
         finally:
             assert live.stop() == 0
     finally:

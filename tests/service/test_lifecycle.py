@@ -9,6 +9,7 @@ import sys
 import threading
 
 import httpx
+import pytest
 from PIL import Image
 
 from .helpers import (
@@ -44,6 +45,7 @@ def _wait_running(url: str) -> None:
                "a running job")
 
 
+@pytest.mark.slow  # two server processes: 120 s on a loaded 2-core machine
 def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
     port = free_port()
     proc, url, log = serve_subprocess(tmp_path, "--no-warmup", port=port)
@@ -90,6 +92,36 @@ def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
     assert rows == [("keep me", "ok"), ("a long job", "ok"), ("a long job", "cancelled")]
 
 
+@pytest.mark.slow  # a server process: 122 s on a loaded 2-core machine
+def test_a_drained_server_exits_at_once_with_its_logs_and_history_closed(tmp_path):
+    # after the drain the process ends with os._exit: Python's own teardown (1.4-1.9 s on a busy 2-core machine,
+    # time a supervisor waits before it can restart us) is skipped, but the log is flushed and the history closed
+    marker = tmp_path / "python-teardown-ran"
+    launcher = ("-c", f"import atexit, pathlib, sys; atexit.register(pathlib.Path({str(marker)!r}).touch); "
+                      "from zimage_ui.cli import main; sys.exit(main(sys.argv[1:]))")
+    # the launcher itself: a CLI run that returns does run Python's teardown (so the check below can fail)
+    subprocess.run([sys.executable, *launcher, "--help"], capture_output=True, timeout=120, check=True)
+    assert marker.exists()
+    marker.unlink()
+
+    proc, url, log = serve_subprocess(tmp_path, "--no-warmup", launcher=launcher)
+    try:
+        wait_ready(url, proc=proc)
+        assert httpx.post(f"{url}/api/v1/generate", json={"prompt": "a row", "width": 256, "height": 256,
+                                                          "steps": 2}, timeout=60).status_code == 200
+        assert (tmp_path / "out" / "history.sqlite3-wal").exists()  # the history is open, in WAL mode
+        assert stop_subprocess(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not marker.exists(), "Python's teardown ran after the drain"
+    assert log.read_text().rstrip().endswith("stopped (exit 0)")  # the last line made it out
+    assert not (tmp_path / "out" / "history.sqlite3-wal").exists()  # closed (checkpointed) before the exit
+    with sqlite3.connect(tmp_path / "out" / "history.sqlite3") as conn:
+        assert conn.execute("SELECT prompt, outcome FROM generations").fetchall() == [("a row", "ok")]
+
+
+@pytest.mark.slow  # a CLI process importing torch: 90 s on a loaded 2-core machine
 def test_a_wrong_model_is_one_line_and_exit_2(tmp_path):
     run = subprocess.run([sys.executable, "-m", "zimage_ui.cli", "serve", "--model", str(tmp_path / "nope"),
                           "--port", str(free_port())], capture_output=True, text=True, timeout=120)

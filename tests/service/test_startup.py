@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from zimage_ui.service.startup import EXIT_CANNOT_BIND
 
@@ -26,6 +27,7 @@ def _settings_import_s() -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow  # a server process: 93 s on a loaded 2-core machine
 def test_healthz_answers_within_a_second_and_readyz_says_loading_until_ready(tmp_path):
     # one second on an idle machine (~0.4 s measured); on a loaded CI box three times what a bare settings import
     # takes just now (torch, the model and the page take ten times that: before the port was bound first, /healthz

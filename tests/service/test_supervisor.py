@@ -27,6 +27,7 @@ from .helpers import free_port, wait_ready, wait_until
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SHIPPED = PROJECT_ROOT / "supervisor"
 PY = shlex.quote(sys.executable)
+pytestmark = pytest.mark.slow  # a real supervisord restarting real servers: 1-5 min a test on a 2-core machine
 
 
 def rewrite(path: Path, changes: dict[str, dict[str, str | None]]) -> str:

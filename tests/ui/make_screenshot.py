@@ -35,33 +35,26 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="zimage-shot-"))
     from playwright.sync_api import sync_playwright
 
-    from zimage_ui.engine.engine import Engine
     from zimage_ui.models.shapes_world import EXAMPLE_PROMPTS
-    from zimage_ui.settings import Settings
 
+    from ..support import demo_engine
     from .conftest import serve_page
 
-    settings = Settings(model="demo", save_images=False)
-    engine = Engine(settings)
-    engine.start()
-    try:
-        with serve_page(engine, settings) as url, sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                        args=["--headless", "--no-sandbox", "--disable-gpu",
-                                              "--disable-background-networking"])
-            page = browser.new_page(viewport=VIEWPORT, locale="en-US")
-            page.goto(url)
-            page.wait_for_selector("#vram-bar [data-segment=weights]", timeout=30_000)
-            page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=30_000)
-            page.fill("#prompt textarea", EXAMPLE_PROMPTS[0])  # the trained demo model draws it
-            page.click("#generate-btn")
-            page.wait_for_selector("#gallery img", timeout=60_000)
-            page.wait_for_timeout(1500)  # the bar's next tick and the image's fade-in
-            page.evaluate("window.scrollTo(0, 0)")
-            data = page.screenshot(full_page=True)
-            browser.close()
-    finally:
-        engine.shutdown(0)
+    with demo_engine() as engine, serve_page(engine, engine.settings) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--headless", "--no-sandbox", "--disable-gpu",
+                                          "--disable-background-networking"])
+        page = browser.new_page(viewport=VIEWPORT, locale="en-US")
+        page.goto(url)
+        page.wait_for_selector("#vram-bar [data-segment=weights]", timeout=30_000)
+        page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", timeout=30_000)
+        page.fill("#prompt textarea", EXAMPLE_PROMPTS[0])  # the trained demo model draws it
+        page.click("#generate-btn")
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        page.wait_for_timeout(1500)  # the bar's next tick and the image's fade-in
+        page.evaluate("window.scrollTo(0, 0)")
+        data = page.screenshot(full_page=True)
+        browser.close()
     for colours in (256, 128, 64):
         small = shrink_png(data, colours)
         if len(small) < MAX_BYTES:

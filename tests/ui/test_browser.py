@@ -7,13 +7,15 @@ import re
 
 import pytest
 
-from .conftest import serve_page, small_machine, wait_until
+from zimage_ui.units import GiB
 
-GiB = 2**30
+from ..support import small_machine, wait_until
+from .conftest import serve_page
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,  # a real Chromium: 8-33 s a test on a loaded 2-core machine
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
 ]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -101,7 +103,7 @@ def test_generate_in_the_browser_with_a_clamp_shown_before_queueing(open_page):
 
 def test_oversized_request_turns_the_bar_red_and_disables_generate(open_page, demo_engine):
     # 2 GiB in all, 1 GiB in use: the demo estimator's 1536² × 4 can't fit, not even decoding one image at a time
-    with small_machine(demo_engine, total=2 * GiB):
+    with small_machine(demo_engine, total=2 * GiB, used=1 * GiB):
         page = open_page()
         page.click("#size-class label:has-text('1536')")
         page.click("#advanced button")
@@ -209,3 +211,40 @@ def test_a_tab_opened_while_the_model_loads_comes_alive_when_it_is_ready(browser
             context.close()
     finally:
         engine.shutdown(0)
+
+
+def test_the_chinese_page_says_clamps_admission_and_validation_in_chinese(open_page, demo_engine):
+    """Clamps, the memory verdict and validation errors come from the lower layers as codes and figures; on the
+    Chinese page none of their English words may show, and their Chinese must."""
+    from ..test_messages import english_in
+
+    page = open_page(locale="zh-CN")
+    page.wait_for_selector("#generate-btn:has-text('生成')", timeout=10_000)
+    page.fill("#prompt textarea", "a red circle on a blue background")
+    page.click("#advanced button")
+    set_number(page, "#steps input", "30")  # turbo allows 1–16: a clamp, shown before queueing
+    page.wait_for_selector("#zi-notice:has-text('步数 30 → 16（极速允许 1–16）')", timeout=10_000)
+    notice = page.inner_text("#zi-notice")
+    assert "点击“生成”时将自动调整" in notice and not english_in(notice), notice
+    page.click("#generate-btn")
+    page.wait_for_selector("#zi-notice:has-text('排队前已自动调整')", timeout=10_000)
+    notice = page.inner_text("#zi-notice")
+    assert "步数 30 → 16" in notice and not english_in(notice), notice
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    status = page.inner_text("#status")
+    assert "1 张图片" in status and not english_in(status), status
+
+    # a validation error: an empty prompt is refused before the queue, with the field and the reason in Chinese
+    page.fill("#prompt textarea", "")
+    page.click("#generate-btn")
+    page.wait_for_selector("#status:has-text('请修正')", timeout=10_000)
+    error = page.inner_text("#status")
+    assert "提示词：不能为空" in error and not english_in(error), error
+
+    # the memory verdict: 2 GiB in all, 1 GiB in use, 1536² × 4 won't fit (the estimator's own figures)
+    with small_machine(demo_engine, total=2 * GiB, used=1 * GiB):
+        page.click("#size-class label:has-text('1536')")
+        set_number(page, "#batch input[type=number]", "4")
+        page.wait_for_selector("#vram-bar[data-state=over]", timeout=10_000)
+        verdict = page.inner_text(".zb-msg")
+        assert "放不下" in verdict and not english_in(verdict), verdict

@@ -14,7 +14,7 @@ from gradio_client.exceptions import AppError
 
 from zimage_ui.metadata import read_metadata
 
-from .conftest import wait_until
+from ..support import wait_until
 
 # lang, prompt, negative_prompt, preset, steps, guidance, width, height, seed, random_seed, batch
 FAST = ("en", "a red circle", "", "turbo", None, None, 256, 256, 7, False, 1)
@@ -79,6 +79,7 @@ def test_a_request_that_cannot_run_never_enters_the_queue(client, demo_engine):
         client.predict(*args(FAST, prompt="   "), api_name="/check")
 
 
+@pytest.mark.slow  # 48 s on a loaded 2-core machine
 def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine):
     tab_a, tab_b = Client(page_url, verbose=False), Client(page_url, verbose=False)
     try:
@@ -120,6 +121,7 @@ def test_the_queue_cannot_be_bypassed(page_url):
         assert response.status_code == 404 and "join the queue" in response.text
 
 
+@pytest.mark.slow  # 77 s on a loaded 2-core machine
 def test_time_left_follows_the_running_jobs_own_steps(client, demo_engine):
     """After a busy period the learnt step time is far too high (here 10x); the status line's time left must
     follow the steps this job measures, not the learnt average."""

@@ -17,42 +17,24 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from .conftest import free_port, wait_until
+from ..support import serve_app, wait_until
 from .test_client import FAST, SLOW, args, notice_text, statuses
 
 
 @contextlib.contextmanager
 def serve_service(engine: Any, settings: Any) -> Iterator[str]:
     """The whole service app (REST API + page) over ``engine`` on a free loopback port; yields its URL."""
-    import uvicorn
-
     from zimage_ui.service.app import create_app
 
-    app = create_app(settings, engine, history=None, ui=True)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until(lambda: _up(url), timeout=30, interval=0.1)
+    with serve_app(create_app(settings, engine, history=None, ui=True), "healthz") as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def settings_with(engine: Any, **changes: Any) -> Any:
     return engine.settings.model_copy(update=changes)
 
 
+@pytest.mark.slow  # 24 s on a loaded 2-core machine
 def test_the_rate_limit_counts_a_clients_page_sessions_and_api_calls_together(demo_engine):
     with serve_service(demo_engine, settings_with(demo_engine, rate_limit_per_minute=2)) as url:
         first, second, third = (Client(url, verbose=False) for _ in range(3))
@@ -70,6 +52,7 @@ def test_the_rate_limit_counts_a_clients_page_sessions_and_api_calls_together(de
                 c.close()
 
 
+@pytest.mark.slow  # 34 s on a loaded 2-core machine
 def test_one_login_with_made_up_sessions_has_one_job(demo_engine):
     settings = settings_with(demo_engine, auth="class:correct-horse")
     with serve_service(demo_engine, settings) as url:

@@ -6,12 +6,11 @@ import re
 
 import pytest
 
-from zimage_ui.memory.estimator import WorkingMemoryEstimator, WorkShape, admit, admit_shape
+from zimage_ui.memory.admission import admit, admit_shape
+from zimage_ui.memory.estimator import WorkingMemoryEstimator, WorkShape
 from zimage_ui.memory.probe import MemoryProbe, MemorySnapshot, RawMemory
 from zimage_ui.ui.vram import bar_view, render_vram_bar
-
-GiB = 2**30
-MiB = 2**20
+from zimage_ui.units import GiB, MiB
 
 
 def snap(total=80 * GiB, weights=20 * GiB, working=0, cache=0, other=0, kind="cuda") -> MemorySnapshot:

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from ..memory.planner import FP8_MIN_CAPABILITY, fp8_capable
+
 log = logging.getLogger(__name__)
 
 # Every diffusers backend worth trying for Z-Image, in order of preference on a tie. Hub kernels (*_hub) download
@@ -422,9 +424,9 @@ def fp8_support(device: torch.device) -> tuple[bool, str]:
         return False, "fp8 mode needs a CUDA GPU (this is the CPU)"
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(index)
-        return False, (f"fp8 mode needs compute capability ≥ 8.9 (Ada or Hopper); {name} is {major}.{minor} — "
+    if not fp8_capable((major, minor)):
+        name, need = torch.cuda.get_device_name(index), ".".join(map(str, FP8_MIN_CAPABILITY))
+        return False, (f"fp8 mode needs compute capability ≥ {need} (Ada or Hopper); {name} is {major}.{minor} — "
                        "use bf16, or the fp8-storage placement to save memory")
     try:
         import torchao  # noqa: F401

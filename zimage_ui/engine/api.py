@@ -24,13 +24,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the types only; importing this module loads no torch
-    from ..memory.estimator import Admission
+    from ..memory.admission import Admission
     from ..memory.nvml import GpuStats
     from ..memory.probe import MemorySnapshot
+    from ..messages import Message
     from ..presets import PresetBook
     from ..validation import GenerationRequest, RunRequest, Validated
     from .jobs import EngineError, Job, JobResult, JobStatus
     from .warmup import WarmupStep
+
+
+LOCAL_REPLICA = "local"  # the name of the one in-process engine among "replicas" (X-Zimage-Replica, /api/v1/vram)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class EngineAPI(Protocol):
 
     def validate(self, raw: GenerationRequest | Mapping[str, Any]) -> Validated: ...
 
-    def notes_for(self, request: RunRequest) -> list[str]: ...
+    def notes_for(self, request: RunRequest) -> list[Message]: ...
 
     def submit(self, raw: GenerationRequest | Mapping[str, Any] | Validated, *, owner: str | None = None) -> Job: ...
 
@@ -91,6 +95,15 @@ class EngineAPI(Protocol):
     def predict_working_bytes(self, request: RunRequest) -> int: ...
 
     def admit(self, request: RunRequest) -> Admission: ...
+
+    def replicas(self) -> list[dict[str, Any]]: ...
+    # Every engine behind this face, one dict each (/api/v1/vram's ``replicas``, the per-replica metrics, the page's
+    # bars): replica, host, gpu, device, state, ready, queue ({depth, running}) and snapshot (a
+    # ``MemorySnapshot.to_dict()``, None while loading); Ray Serve adds pid, unloaded, available_bytes, served.
+    # The in-process engine lists one, named ``LOCAL_REPLICA``.
+
+    def target_replica(self, need_bytes: int = 0) -> str | None: ...
+    # The replica that would take a request needing ``need_bytes`` now (the page marks its bar); None if none.
 
     # --- what it is -------------------------------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]: ...

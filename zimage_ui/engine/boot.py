@@ -68,19 +68,18 @@ def choose_placement(settings: Settings, device: Any, book: PresetBook, *, demo:
         return setting, None
     import torch
 
-    from ..memory.estimator import WorkingMemoryEstimator, WorkShape
-    from ..memory.planner import CUDA_CONTEXT_BYTES, Z_IMAGE_TURBO_BF16, DeviceFacts, plan
+    from ..memory.estimator import WorkShape
+    from ..memory.planner import CUDA_CONTEXT_BYTES, plan_for_device
 
-    budget_bytes = int(settings.vram_budget_gb * 2**30) if settings.vram_budget_gb else None
+    budget_bytes = settings.vram_budget_bytes
     if budget_bytes is None:  # the whole card: what other processes (an LLM server) already hold counts against us
         free, total = torch.cuda.mem_get_info(device)
         overhead = max(int(total - free), CUDA_CONTEXT_BYTES)
     else:  # the budget holds our CUDA context too (measured before loading) and its growth
         overhead = budget.outside_bytes + budget.headroom_bytes if budget is not None else CUDA_CONTEXT_BYTES
-    facts = dataclasses.replace(DeviceFacts.from_torch(device, budget_bytes), overhead_bytes=overhead)
     preset = book.presets[book.default]
-    estimator = WorkingMemoryEstimator.default_for("cuda", Z_IMAGE_TURBO_BF16.total_bytes)
-    result = plan(facts, estimator, WorkShape(preset.width, preset.height), margin_bytes=settings.memory_margin_bytes)
+    result = plan_for_device(device, budget_bytes=budget_bytes, overhead_bytes=overhead,
+                             shape=WorkShape(preset.width, preset.height), margin_bytes=settings.memory_margin_bytes)
     for line in result.lines():
         log.info("plan: %s", line)
     return result.chosen.name, result

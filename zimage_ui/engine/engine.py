@@ -22,11 +22,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..messages import Message, Word
 from ..metadata import save_png
 from ..presets import PresetBook, load_presets
 from ..settings import Settings
 from ..validation import GenerationRequest, RunRequest, Validated, validate
-from .api import QueueInfo
+from .api import LOCAL_REPLICA, QueueInfo
 from .boot import Runtime, boot
 from .eta import StepTimer
 from .jobs import EngineError, Job, JobFailed, JobResult, JobStatus, MemoryRefused, NotReady
@@ -35,7 +36,7 @@ from .warmup import WarmupStep, steps_to_run, warmup_plan
 from .worker import SerialWorker
 
 if TYPE_CHECKING:
-    from ..memory.estimator import Admission
+    from ..memory.admission import Admission
     from ..memory.nvml import GpuStats
     from ..memory.probe import MemorySnapshot
     from .seam import TestSeam
@@ -180,7 +181,7 @@ class Engine:
         return Path(self.settings.cache_dir) if self.settings.cache_dir else default_cache_dir()
 
     def _budget_bytes(self) -> int | None:
-        return int(self.settings.vram_budget_gb * 2**30) if self.settings.vram_budget_gb else None
+        return self.settings.vram_budget_bytes
 
     def _apply_budget(self, headroom: int, *, init: bool = False) -> None:
         """Size the allocator's cap so the whole process, as nvidia-smi counts it, stays within the budget:
@@ -408,7 +409,7 @@ class Engine:
 
     def _require_ready(self) -> None:
         if not self.ready:
-            raise NotReady(f"not ready: {self.reason}")
+            raise NotReady(self.reason, state=self.state.value)
 
     def presets(self) -> PresetBook:
         """The presets in force (for the demo model: its smaller default size). Readable before start."""
@@ -421,12 +422,11 @@ class Engine:
         runner = self.runners.get("turbo")
         return validate(raw, self.presets(), count_tokens=runner.count_tokens if runner else None)
 
-    def notes_for(self, request: RunRequest) -> list[str]:
-        """What the user should know about how a request will run (which weights serve the preset)."""
+    def notes_for(self, request: RunRequest) -> list[Message]:
+        """What the user should know about how a request will run (which weights serve the preset), as messages."""
         preset = self.presets().presets[request.preset]
         if preset.model == "base" and self.base_model is None and not self.model.is_demo and not self.model.is_base:
-            return [f"{preset.label} runs on the Turbo weights (no base Z-Image configured, see --base-model); "
-                    "guidance on Turbo weights softens images"]
+            return [Message("note.base_on_turbo", {"preset": Word(preset.name)})]
         hook = getattr(self.model.pipe.tokenizer, "request_notes", None)  # trained demo model: unknown words, size
         return hook(request) if hook else []
 
@@ -455,30 +455,32 @@ class Engine:
         return self.estimator.predict(WorkShape(request.width, request.height, request.batch, request.cfg))
 
     def admit(self, request: RunRequest) -> Admission:
-        """Would ``request`` fit now? An ``Admission`` with state ok / tight / over, a message and, when over,
-        the largest size that fits at the same aspect ratio."""
-        from ..memory.estimator import WorkShape, admit_shape
+        """Would ``request`` fit now? An ``Admission`` (``memory.admission``) with state ok / tight / over, the
+        figures and, when over, the largest size that fits at the same aspect ratio."""
+        from ..memory.admission import admit_request
+        from ..memory.estimator import WorkShape
 
         shape = WorkShape(request.width, request.height, request.batch, request.cfg)
-        snapshot = self._admission_snapshot()
-        admission = admit_shape(self.estimator, snapshot, shape, self.settings.memory_margin_bytes)
-        if admission.state == "over":
-            admission = self._explain_cohost(admission, snapshot)
-        return admission
+        return admit_request(self.estimator, self._admission_snapshot(), shape, self.settings.memory_margin_bytes,
+                             min_side=self.presets().limits.side[0])
 
-    def _explain_cohost(self, admission: Any, snapshot: Any) -> Any:
-        """When other processes leave too little for even the smallest request, say so with their figure."""
-        from ..memory.estimator import GiB, WorkShape, admit
+    def replicas(self) -> list[dict[str, Any]]:
+        """This engine as the one replica there is (``EngineAPI.replicas``): ``local``, its device and memory."""
+        import socket
 
-        low = self.presets().limits.side[0]
-        smallest = admit(snapshot, self.estimator.predict(WorkShape(low, low)), 0)
-        others = (snapshot.nvml or {}).get("other_processes_bytes")
-        if smallest.state != "over" or not others:
-            return admission
-        message = (f"other processes use {others / GiB:.1f} GiB of this GPU; this request needs "
-                   f"{admission.need_bytes / GiB:.1f} GiB of working memory and only "
-                   f"{admission.available_bytes / GiB:.1f} GiB is left — even {low}x{low} does not fit now")
-        return dataclasses.replace(admission, message=message, suggestion=None, other_processes_bytes=int(others))
+        try:
+            snapshot = self.memory_snapshot().to_dict()
+        except NotReady:
+            snapshot = None
+        device = self.model_info().get("device")
+        queue = self.queue_info()
+        return [{"replica": LOCAL_REPLICA, "host": socket.gethostname(), "gpu": device, "device": device,
+                 "state": self.state.value, "ready": bool(self.ready),
+                 "queue": {"depth": queue.depth, "running": queue.running_job is not None}, "snapshot": snapshot}]
+
+    def target_replica(self, need_bytes: int = 0) -> str | None:
+        """``local``: there is one engine (``EngineAPI.target_replica``)."""
+        return LOCAL_REPLICA
 
     def _admission_snapshot(self) -> Any:
         """The snapshot admission judges against: unloaded weights count as if back, and a VRAM budget caps the
@@ -495,7 +497,7 @@ class Engine:
 
     def available_working_bytes(self) -> int:
         """Working memory a job could use now (admission's figure, without the safety margin)."""
-        from ..memory.estimator import available_bytes
+        from ..memory.admission import available_bytes
 
         return available_bytes(self._admission_snapshot())
 
@@ -648,7 +650,7 @@ class Engine:
         notes = list(job.notes)
         notes.extend(output.recovered)
         if reload_s is not None:
-            notes.append(f"model reloaded after idle unload in {reload_s:.1f} s")
+            notes.append(Message("note.reloaded", {"seconds": round(reload_s, 1)}))
             output.timings["reload_s"] = reload_s
         loaded = self.base_model if runner is self.runners.get("base") else self.model
         result = JobResult(images=output.images, seeds=output.seeds, request=job.request, changes=job.changes,
@@ -678,8 +680,7 @@ class Engine:
                     for image, seed in zip(result.images, result.seeds, strict=True)]
         except OSError as exc:  # disk full, folder read-only: the image is made; answer it rather than lose it
             log.error("could not save the images of %s: %s", job.id, exc)
-            result.notes.append(f"the image was not saved on the server ({exc.strerror or type(exc).__name__}); "
-                                "download it now")
+            result.notes.append(Message("note.not_saved", {"why": exc.strerror or type(exc).__name__}))
             return []
 
 

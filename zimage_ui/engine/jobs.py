@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..messages import Count, Message, Word
 from ..validation import Change, RunRequest
 
 _ids = itertools.count(1)
@@ -28,24 +29,40 @@ class JobState(enum.StrEnum):
 
 
 class EngineError(Exception):
-    """Base of the engine's own refusals; every door turns these into a clear message, never a traceback."""
+    """Base of the engine's own refusals; every door turns these into a clear message, never a traceback.
+
+    A refusal's :attr:`message` is a :class:`~zimage_ui.messages.Message` (a code and its figures) for a door to
+    say in its language; ``str()`` is English."""
+
+    message: Message | None = None
+
+    def __init__(self, message: Message | str):
+        if isinstance(message, Message):
+            self.message = message
+        super().__init__(str(message))
 
 
 class QueueFull(EngineError):
     def __init__(self, depth: int, retry_after_s: float):
         self.depth = depth
         self.retry_after_s = retry_after_s
-        super().__init__(f"queue full: {depth} jobs waiting; try again in about {retry_after_s:.0f} s")
+        super().__init__(Message("refusal.queue_full", {"depth": depth, "retry_s": round(retry_after_s)}))
 
 
 class ClientBusy(EngineError):
     def __init__(self, owner: str, limit: int):
-        super().__init__(f"you already have {limit} job{'s' if limit > 1 else ''} waiting or running; "
-                         "wait for it or cancel it first")
+        self.owner, self.limit = owner, limit
+        super().__init__(Message("refusal.client_busy", {"jobs": Count(limit, "jobs")}))
 
 
 class NotReady(EngineError):
-    """The engine is still loading or warming up, or has failed."""
+    """The engine is still loading or warming up, or has failed. ``state`` is the engine's state ("loading", …);
+    the message names it (or, after a failure, gives the failure's own text)."""
+
+    def __init__(self, reason: str, state: str | None = None):
+        self.reason, self.state = reason, state
+        said = Word(state) if state in ("new", "loading", "warming", "stopped") else reason
+        super().__init__(Message("refusal.not_ready", {"reason": said}))
 
 
 class MemoryRefused(EngineError):
@@ -61,7 +78,10 @@ class JobCancelled(EngineError):
 
 
 class JobFailed(EngineError):
-    def __init__(self, message: str, kind: str = "error"):
+    """A job that ran and failed: ``kind`` "oom" (its message a code: ``failure.oom_*``) or "error" (the
+    exception's own text)."""
+
+    def __init__(self, message: Message | str, kind: str = "error"):
         self.kind = kind  # "error" | "oom"
         super().__init__(message)
 
@@ -99,7 +119,7 @@ class JobResult:
     seeds: list[int]
     request: RunRequest
     changes: tuple[Change, ...]
-    notes: list[str]
+    notes: list[Message]  # str(note): English
     model_id: str
     model_label: str
     timings: dict[str, float]
@@ -135,7 +155,7 @@ class Job:
 
     decode_batch: int | None = None  # admission's choice: the VAE decodes this many images per call (None: all)
 
-    def __init__(self, request: RunRequest, *, changes: tuple[Change, ...] = (), notes: list[str] | None = None,
+    def __init__(self, request: RunRequest, *, changes: tuple[Change, ...] = (), notes: list[Message] | None = None,
                  owner: str | None = None):
         self.id = f"job-{next(_ids)}"
         self.request = request

@@ -1,7 +1,7 @@
 """Put a loaded pipeline where the planner said (:mod:`zimage_ui.memory.planner`), cap this process's VRAM, and
 release / restore the GPU for idle unload.
 
-Placements (names as the planner's ``PLACEMENTS``):
+Placements (the planner's ``PLACEMENTS``, the one list of their names):
 
 ``resident``
     every component on the GPU.
@@ -33,24 +33,25 @@ from typing import Any
 
 import torch
 
+from ..memory.planner import PLACEMENTS
+
 log = logging.getLogger(__name__)
 
-PLACEMENT_NAMES = ("resident", "text-encoder-offload", "fp8-storage", "model-offload", "sequential-offload")
 COMPONENTS = ("transformer", "text_encoder", "vae")
 COMPILABLE = frozenset({"resident", "text-encoder-offload"})
-GiB = 2**30
 
 
 def normalize_placement(name: str) -> str:
-    """``auto`` or one of :data:`PLACEMENT_NAMES` (underscores and a missing ``-offload`` are forgiven)."""
+    """``auto`` or one of the planner's :data:`~zimage_ui.memory.planner.PLACEMENTS` (underscores and a missing
+    ``-offload`` are forgiven)."""
     text = (name or "auto").strip().lower().replace("_", "-")
     if text == "auto":
         return text
     aliases = {"sequential": "sequential-offload", "model": "model-offload", "fp8": "fp8-storage",
                "te-offload": "text-encoder-offload", "text-encoder": "text-encoder-offload"}
     text = aliases.get(text, text)
-    if text not in PLACEMENT_NAMES:
-        raise ValueError(f"placement: unknown {name!r}; use auto or one of {', '.join(PLACEMENT_NAMES)}")
+    if text not in PLACEMENTS:
+        raise ValueError(f"placement: unknown {name!r}; use auto or one of {', '.join(PLACEMENTS)}")
     return text
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..messages import Message
 from ..validation import RunRequest
 from .jobs import Job, JobCancelled, JobFailed
 
@@ -26,7 +27,7 @@ class RunOutput:
     images: list[Any]
     seeds: list[int]
     timings: dict[str, float]
-    recovered: list[str] = field(default_factory=list)  # what each out-of-memory recovery did, for the job's notes
+    recovered: list[Message] = field(default_factory=list)  # what each out-of-memory recovery did: the job's notes
 
 
 class RunMemory:
@@ -155,7 +156,7 @@ class PipelineRunner:
         the decode: learn, then decode what is left with a smaller plan — fewer images per call, then tiles —
         keeping the latents and the images already decoded, until even the smallest tile fails.
         """
-        recovered: list[str] = []
+        recovered: list[Message] = []
         for attempt in (1, 2):
             denoised, failed = _attempt(self._denoise, job, attempt)
             if failed is None:
@@ -165,10 +166,11 @@ class PipelineRunner:
             self.memory.out_of_memory(job.request, "denoise", self.memory.peak_working() + failed)
             self.memory.free()
             if attempt == 2:
-                raise JobFailed(f"out of memory at {job.request.width}x{job.request.height} batch "
-                                f"{job.request.batch} in the denoise, twice; try a smaller size or batch", kind="oom")
+                req = job.request
+                raise JobFailed(Message("failure.oom_denoise", {"width": req.width, "height": req.height,
+                                                                "batch": req.batch}), kind="oom")
             log.warning("out of memory in the denoise of %s; freed the cache, running it again", job.id)
-            recovered.append("ran out of memory in the denoise once; ran again after freeing the cache")
+            recovered.append(Message("note.oom_denoise_retry"))
         t_decode = time.perf_counter()
         images = self._decode_all(job, latents, decode_batch, recovered)
         t_end = time.perf_counter()
@@ -220,7 +222,7 @@ class PipelineRunner:
         return latents, timings
 
     def _decode_all(self, job: Job, latents: torch.Tensor, decode_batch: int | None,
-                    recovered: list[str]) -> list[Any]:
+                    recovered: list[Message]) -> list[Any]:
         from ..memory.estimator import DecodePlan
 
         req = job.request
@@ -239,14 +241,14 @@ class PipelineRunner:
                 self.memory.out_of_memory(req, "decode", self.memory.peak_working() + failed)
                 nxt = self.memory.decode_plan(req, self.memory.available(), plan)
                 if nxt is None:
-                    raise JobFailed(f"out of memory decoding {req.width}x{req.height} even one image at a time in "
-                                    "the smallest tiles; try a smaller size", kind="oom") from None
+                    raise JobFailed(Message("failure.oom_decode", {"width": req.width, "height": req.height}),
+                                    kind="oom") from None
                 log.warning("out of memory decoding %s with %s; going on with %s", job.id, plan.describe(),
                             nxt.describe())
                 plan = nxt
                 self.memory.reset_peak()
         if plan != first:
-            recovered.append(f"ran out of memory in the VAE decode; finished with {plan.describe()}")
+            recovered.append(Message("note.oom_decode", {"plan": plan.message}))
         return images
 
     def _decode_chunk(self, request: RunRequest, latents: torch.Tensor, plan: Any) -> list[Any]:

@@ -14,21 +14,24 @@ thin adapters over these objects. On a machine without CUDA or NVML it works and
     True
 
 Modules: :mod:`.probe` (snapshots and the bar's segments), :mod:`.nvml` (the one NVML wrapper),
-:mod:`.estimator` (peak working memory, admission), :mod:`.planner` (placement from a VRAM budget).
+:mod:`.estimator` (peak working memory), :mod:`.admission` (does a request fit now), :mod:`.planner` (placement
+from a VRAM budget).
 """
 
 # Names are imported on first use (PEP 562), so ``import zimage_ui.memory.allocator`` — which the command line does
 # before anything else, to configure CUDA's allocator — pulls in neither torch nor numpy.
 _WHERE = {
     "DEFAULT_MARGIN_BYTES": "estimator",
-    "Admission": "estimator",
-    "AdmissionState": "estimator",
+    "Admission": "admission",
+    "AdmissionState": "admission",
     "WorkingMemoryEstimator": "estimator",
     "WorkShape": "estimator",
-    "admit": "estimator",
-    "admit_shape": "estimator",
-    "available_bytes": "estimator",
-    "largest_fitting": "estimator",
+    "admit": "admission",
+    "admit_shape": "admission",
+    "available_bytes": "admission",
+    "largest_fitting": "admission",
+    "admit_request": "admission",
+    "explain_cohost": "admission",
     "PLACEMENTS": "planner",
     "Z_IMAGE_TURBO_BF16": "planner",
     "ComponentSizes": "planner",
@@ -52,7 +55,7 @@ _WHERE = {
 def __getattr__(name: str) -> object:
     import importlib
 
-    if name in ("allocator", "estimator", "nvml", "planner", "probe"):  # ``zimage_ui.memory.nvml`` as an attribute
+    if name in ("admission", "allocator", "estimator", "nvml", "planner", "probe"):  # ``memory.nvml`` as an attribute
         return importlib.import_module(f"zimage_ui.memory.{name}")
     if name in _WHERE:
         return getattr(importlib.import_module(f"zimage_ui.memory.{_WHERE[name]}"), name)
@@ -79,9 +82,11 @@ __all__ = [
     "WorkShape",
     "WorkingMemoryEstimator",
     "admit",
+    "admit_request",
     "admit_shape",
     "available_bytes",
     "compose_snapshot",
+    "explain_cohost",
     "largest_fitting",
     "make_probe",
     "nvml",

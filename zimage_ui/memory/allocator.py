@@ -36,10 +36,9 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+from zimage_ui.units import GiB, MiB
 
-GiB = 2**30
-MiB = 2**20
+log = logging.getLogger(__name__)
 
 ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the second is torch ≥ 2.9's new name
 DEFAULT_ALLOC_CONF = "expandable_segments:True"

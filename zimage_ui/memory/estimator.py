@@ -1,6 +1,7 @@
 """Predicted peak working memory of one generation, and whether a request fits (admission).
 
-    >>> from zimage_ui.memory.estimator import GiB, WorkShape, WorkingMemoryEstimator
+    >>> from zimage_ui.memory.estimator import WorkShape, WorkingMemoryEstimator
+    >>> from zimage_ui.units import GiB
     >>> est = WorkingMemoryEstimator.default_for("cuda", weights_bytes=int(19.28 * GiB))
     >>> round(est.predict(WorkShape(1024, 1024)) / GiB, 1)   # H200 baseline measured 2.41 GB
     2.4
@@ -33,14 +34,7 @@ denoise term. A weak pull towards the prior (ridge, 1e-4) keeps coefficients tha
 (say, ``a`` vs ``c`` with batch 1 only, or the whole denoise branch when decode always dominates) at their prior
 values; coefficients are kept ≥ 0. The current coefficients are the prior, so calibrate a ``default_for`` estimator.
 
-Admission
----------
-A request runs when the worker is idle, so the previous job's working memory and the allocator's cache are
-available to it. Hence ``available = total − weights − other − reserve``, where ``other`` (see
-:mod:`.probe`) already holds our CUDA context and other processes, and ``reserve`` (CUDA: 256 MiB, CPU: 0) covers
-what appears outside the caching allocator during a job (cuBLAS/cuDNN workspaces and kernel modules loaded
-lazily on first use). Then ``ok``: need + margin ≤ available; ``tight``: need ≤ available < need + margin;
-``over``: need > available.
+Admission (does a request fit now?) is :mod:`.admission`, next door; it judges against these predictions.
 """
 
 from __future__ import annotations
@@ -48,18 +42,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from zimage_ui.memory.probe import MemorySnapshot
-
-GiB = 2**30
-MiB = 2**20
+from zimage_ui.files import write_atomic
+from zimage_ui.messages import Count, Message
+from zimage_ui.units import GiB, MiB
 
 # Caption tokens in the transformer's sequence: a 20-word prompt in the chat template is ~40 tokens, padded to a
 # multiple of 32 (SEQ_MULTI_OF); 128 is a generous round figure. It only shifts the denoise branch slightly.
@@ -153,10 +144,6 @@ def _rows(shape: WorkShape) -> tuple[np.ndarray, np.ndarray]:
     decode = np.array([1.0, mp * shape.batch, mp, 0.0, 0.0])
     denoise = np.array([1.0, 0.0, 0.0, kt * shape.sequences, kt * kt * shape.sequences])
     return decode, denoise
-
-
-def _gb(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
 
 
 class WorkingMemoryEstimator:
@@ -393,19 +380,8 @@ class WorkingMemoryEstimator:
         return estimator
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write JSON atomically (temp file in the same folder, fsync, ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write JSON atomically (:func:`zimage_ui.files.write_atomic`: temp file beside it, fsync, rename)."""
+        write_atomic(path, json.dumps(self.to_json(), indent=2).encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WorkingMemoryEstimator:
@@ -433,140 +409,6 @@ def _solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return np.maximum(theta, 0.0)
 
 
-class AdmissionState:
-    """The three admission outcomes."""
-
-    OK = "ok"
-    TIGHT = "tight"
-    OVER = "over"
-    ALL = (OK, TIGHT, OVER)
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Whether a request's working memory fits next to the loaded model, and a message that says why."""
-
-    state: str
-    need_bytes: int
-    available_bytes: int
-    margin_bytes: int
-    message: str
-    suggestion: WorkShape | None = None
-    decode_batch: int | None = None  # the VAE decodes this many images at a time (None: the whole batch)
-    other_processes_bytes: int | None = None  # set when other processes leave too little for even the smallest
-
-    @property
-    def runnable(self) -> bool:
-        """True for ``ok`` and ``tight``."""
-        return self.state != AdmissionState.OVER
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict; ``suggestion`` as ``{"width", "height", "batch", "cfg"}`` or ``None``."""
-        s = self.suggestion
-        return {
-            "state": self.state,
-            "need_bytes": self.need_bytes,
-            "available_bytes": self.available_bytes,
-            "margin_bytes": self.margin_bytes,
-            "message": self.message,
-            "suggestion": None if s is None else {"width": s.width, "height": s.height, "batch": s.batch, "cfg": s.cfg},
-            "decode_batch": self.decode_batch,
-            "other_processes_bytes": self.other_processes_bytes,
-        }
-
-
-def available_bytes(snapshot: MemorySnapshot, reserve_bytes: int | None = None) -> int:
-    """Working memory a request can use once the worker is idle: ``total − weights − other − reserve`` (≥ 0)."""
-    if reserve_bytes is None:
-        reserve_bytes = CUDA_RUNTIME_RESERVE_BYTES if snapshot.device_kind == "cuda" else 0
-    return max(0, snapshot.total_bytes - snapshot.weights_bytes - snapshot.other_bytes - reserve_bytes)
-
-
-def admit(
-    snapshot: MemorySnapshot,
-    need_bytes: int,
-    margin_bytes: int = DEFAULT_MARGIN_BYTES,
-    reserve_bytes: int | None = None,
-    suggestion: WorkShape | None = None,
-) -> Admission:
-    """Classify ``need_bytes`` against the snapshot's available memory: ``ok``, ``tight`` or ``over``.
-
-    ``suggestion`` (say, from :func:`largest_fitting`) is named in the message when the state is ``over``.
-    """
-    available = available_bytes(snapshot, reserve_bytes)
-    head = f"needs {_gb(need_bytes)} working memory, {_gb(available)} available"
-    if need_bytes + margin_bytes <= available:
-        state, message = AdmissionState.OK, f"{head} — fits with the {_gb(margin_bytes)} safety margin"
-    elif need_bytes <= available:
-        state, message = AdmissionState.TIGHT, f"{head} — fits, but inside the {_gb(margin_bytes)} safety margin"
-    else:
-        state, message = AdmissionState.OVER, f"{head} — too large"
-        if suggestion is not None:
-            message += f"; largest that fits at this aspect: {suggestion.width}x{suggestion.height}"
-    if state != AdmissionState.OVER:
-        suggestion = None
-    return Admission(state, int(need_bytes), int(available), int(margin_bytes), message, suggestion)
-
-
-def largest_fitting(
-    estimator: WorkingMemoryEstimator,
-    snapshot: MemorySnapshot,
-    shape: WorkShape,
-    margin_bytes: int = DEFAULT_MARGIN_BYTES,
-    multiple: int = 16,
-    min_side: int = 256,
-    *,
-    max_side: int = 2048,
-    allow_tight: bool = False,
-    reserve_bytes: int | None = None,
-) -> WorkShape | None:
-    """Largest shape with ``shape``'s aspect ratio, batch and CFG whose sides are multiples of ``multiple`` within
-    ``[min_side, max_side]`` and whose admission is ``ok`` (or also ``tight`` with ``allow_tight``); ``None`` if
-    even the smallest doesn't fit. The shorter side steps by ``multiple``; the longer one is rounded to the nearest
-    multiple, so the aspect ratio is kept to within one ``multiple``.
-    """
-    accept = AdmissionState.ALL[:2] if allow_tight else (AdmissionState.OK,)
-    short, long_ = sorted((shape.width, shape.height))
-    ratio = long_ / short
-    lowest = math.ceil(min_side / multiple) * multiple
-    for side in range(max_side // multiple * multiple, lowest - 1, -multiple):
-        other = max(multiple, round(side * ratio / multiple) * multiple)
-        if other > max_side:
-            continue
-        w, h = (other, side) if shape.width >= shape.height else (side, other)
-        candidate = replace(shape, width=w, height=h)
-        if admit(snapshot, estimator.predict(candidate), margin_bytes, reserve_bytes).state in accept:
-            return candidate
-    return None
-
-
-def admit_shape(
-    estimator: WorkingMemoryEstimator,
-    snapshot: MemorySnapshot,
-    shape: WorkShape,
-    margin_bytes: int = DEFAULT_MARGIN_BYTES,
-    reserve_bytes: int | None = None,
-) -> Admission:
-    """``admit`` for a shape: predicts its need and, when it is ``over``, names the largest shape that fits."""
-    need = estimator.predict(shape)
-    first = admit(snapshot, need, margin_bytes, reserve_bytes)
-    if first.state == AdmissionState.OK:
-        return first
-    # A batch whose decode is what does not fit can decode fewer images at a time: same images, less memory
-    # (the decode is compute-bound, so it costs about the same time).
-    for accept in ((AdmissionState.OK,), AdmissionState.ALL[:2]):
-        for chunk in range(shape.batch - 1, 0, -1):
-            chunked = admit(snapshot, estimator.predict_chunked(shape, chunk), margin_bytes, reserve_bytes)
-            if chunked.state in accept and (first.state == AdmissionState.OVER or chunked.state == AdmissionState.OK):
-                return replace(chunked, decode_batch=chunk,
-                               message=chunked.message + f"; the VAE decodes {chunk} image{'s' if chunk > 1 else ''}"
-                                                         " at a time")
-    if first.state != AdmissionState.OVER:
-        return first
-    best = largest_fitting(estimator, snapshot, shape, margin_bytes, reserve_bytes=reserve_bytes)
-    return admit(snapshot, need, margin_bytes, reserve_bytes, suggestion=best)
-
-
 # Tile sides (pixels) the fallback decode tries, largest first: the VAE's own default tile is its sample size.
 TILE_SIDES = (1024, 768, 512, 256)
 
@@ -580,8 +422,15 @@ class DecodePlan:
     need_bytes: int = 0
 
     def describe(self) -> str:
-        text = f"{self.chunk} image{'s' if self.chunk > 1 else ''} per decode"
-        return text + (f", {self.tile}px tiles" if self.tile else "")
+        return str(self.message)
+
+    @property
+    def message(self) -> Message:
+        """``1 image per decode, 512px tiles`` as a message."""
+        images = Count(self.chunk, "images")
+        if self.tile:
+            return Message("decode_plan_tiled", {"images": images, "tile": self.tile})
+        return Message("decode_plan", {"images": images})
 
 
 def decode_fallbacks(shape: WorkShape, after: DecodePlan) -> list[DecodePlan]:

@@ -1,6 +1,7 @@
 """Choose where the model's weights live from a VRAM budget: pure arithmetic on injected device facts.
 
-    >>> from zimage_ui.memory.estimator import GiB, WorkingMemoryEstimator
+    >>> from zimage_ui.memory.estimator import WorkingMemoryEstimator
+    >>> from zimage_ui.units import GiB
     >>> from zimage_ui.memory.planner import DeviceFacts, plan
     >>> est = WorkingMemoryEstimator.default_for("cuda", weights_bytes=int(19.28 * GiB))
     >>> facts = DeviceFacts("cuda", "RTX 4090", total_bytes=24 * GiB, fp8_supported=True)
@@ -51,14 +52,29 @@ facts alone. ``latency_basis`` says where each comes from.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from zimage_ui.memory.estimator import DEFAULT_MARGIN_BYTES, GiB, MiB, WorkingMemoryEstimator, WorkShape
+from zimage_ui.memory.estimator import DEFAULT_MARGIN_BYTES, WorkingMemoryEstimator, WorkShape
+from zimage_ui.units import GiB, MiB
+from zimage_ui.units import gib_text as _gb
 
+# Every placement's name, fastest first (the plan's tie-break order); ``engine.placement`` applies them.
 PLACEMENTS = ("resident", "text-encoder-offload", "fp8-storage", "sequential-offload", "model-offload")
+# fp8 storage and compute need Ada or Hopper (compute capability 8.9) or newer.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_capable(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability (major, minor) has fp8: the one test the planner, the engine's fp8
+    mode and ``zimage-ui doctor`` share.
+
+    >>> fp8_capable((8, 9)), fp8_capable((9, 0)), fp8_capable((8, 6))
+    (True, True, False)
+    """
+    return tuple(capability) >= FP8_MIN_CAPABILITY
 
 # A torch CUDA context with lazy module loading, plus cuBLAS workspaces: ~0.5 GB on Hopper (our estimate; SEEDS
 # 000/001 saw 1.0 GB "idle" on a 4090D via nvidia-smi). Replace with a measured figure via DeviceFacts.overhead_bytes.
@@ -143,7 +159,7 @@ class DeviceFacts:
     kind: str  # "cuda" or "cpu"
     name: str
     total_bytes: int
-    fp8_supported: bool = False  # compute capability >= 8.9
+    fp8_supported: bool = False  # fp8_capable(compute capability)
     budget_bytes: int | None = None  # a cap below total (co-hosting); None = all of it
     overhead_bytes: int | None = None  # context + other processes if measured; None = CUDA_CONTEXT_BYTES
 
@@ -159,7 +175,8 @@ class DeviceFacts:
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             props = torch.cuda.get_device_properties(index)
-            return cls("cuda", props.name, int(props.total_memory), (props.major, props.minor) >= (8, 9), budget_bytes)
+            return cls("cuda", props.name, int(props.total_memory), fp8_capable((props.major, props.minor)),
+                       budget_bytes)
         import psutil
 
         return cls("cpu", "CPU", int(psutil.virtual_memory().total), False, budget_bytes, overhead_bytes=0)
@@ -231,10 +248,6 @@ class PlanResult:
                 for o in self.options
             ],
         }
-
-
-def _gb(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
 
 
 def _peak(resident: int, phases: Iterable[tuple[int, int]]) -> int:
@@ -383,6 +396,21 @@ def plan(
         return PlanResult(fastest.placement, True, budget, shape, margin_bytes, overhead, tuple(options))
     smallest = min(possible, key=lambda o: o.need_bytes)
     return PlanResult(smallest.placement, False, budget, shape, margin_bytes, overhead, tuple(options))
+
+
+def plan_for_device(device: torch.device | str, *, budget_bytes: int | None = None,
+                    overhead_bytes: int | None = None, shape: WorkShape = WorkShape(1024, 1024),
+                    margin_bytes: int = DEFAULT_MARGIN_BYTES) -> PlanResult:
+    """The plan for Z-Image-Turbo (bf16) on ``device``, as the engine's ``--placement auto`` and ``zimage-ui doctor``
+    make it: the device's facts from torch, the estimator's prior for the released weights.
+
+    ``overhead_bytes``: memory the budget must also hold (our CUDA context, other processes) when measured; None
+    for :data:`CUDA_CONTEXT_BYTES`."""
+    facts = DeviceFacts.from_torch(device, budget_bytes)
+    if overhead_bytes is not None:
+        facts = replace(facts, overhead_bytes=overhead_bytes)
+    estimator = WorkingMemoryEstimator.default_for(facts.kind, Z_IMAGE_TURBO_BF16.total_bytes)
+    return plan(facts, estimator, shape, margin_bytes=margin_bytes)
 
 
 def _reason(peak: int, resident: int, overhead: int, margin: int, need: int, budget: int, fits: bool) -> str:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 import psutil
@@ -110,6 +110,12 @@ class MemorySnapshot:
     def used_bytes(self) -> int:
         """Everything but ``free``."""
         return self.total_bytes - self.free_bytes
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemorySnapshot:
+        """The snapshot ``to_dict`` wrote (its extra keys, ``used_bytes`` and ``segments``, are derived)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (ints for every ``*_bytes``), plus ``segments`` in bar order; for ``/api/v1/vram``."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from zimage_ui.messages import Message
+
 DEMO_MODEL_ID = "demo"
 DEMO_MODEL_LABEL = "demo model (tiny, untrained)"
 DEMO_TRAINED_LABEL = "demo model (tiny, trained on simple shapes)"
@@ -285,22 +287,21 @@ def demo_description(trained: bool | None = None) -> str:
     return "its images are abstract colour fields"
 
 
-def prompt_notes(prompt: str) -> list[str]:
+def prompt_notes(prompt: str) -> list[Message]:
     """Notes on a prompt for the trained demo model: the words it does not know (they are not drawn)."""
     from zimage_ui.models.shapes_world import unknown_words
 
     unknown = unknown_words(prompt)
     if not unknown:
         return []
-    return ["the demo model does not know: " + ", ".join(f"'{w}'" for w in unknown)
-            + " (it only knows simple shapes, colours and positions)"]
+    return [Message("note.demo_unknown_words", {"words": list(unknown)})]
 
 
-def request_notes(request: Any) -> list[str]:
-    """Notes on a request (``prompt``, ``width``, ``height``) for the trained demo model: unknown words, and a size
-    other than the one it was trained at."""
+def request_notes(request: Any) -> list[Message]:
+    """Notes on a request (``prompt``, ``width``, ``height``) for the trained demo model, as messages: unknown
+    words, and a size other than the one it was trained at."""
     notes = prompt_notes(request.prompt)
     if (request.width, request.height) != (TRAINED_SIDE, TRAINED_SIDE):
-        notes.append(f"the demo model is trained for {TRAINED_SIDE}×{TRAINED_SIDE} pictures; "
-                     f"at {request.width}×{request.height} it draws worse")
+        notes.append(Message("note.demo_size", {"side": TRAINED_SIDE, "width": request.width,
+                                                "height": request.height}))
     return notes

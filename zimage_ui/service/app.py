@@ -35,6 +35,7 @@ from .history import History, HistoryUnavailable
 from .metrics import ServiceMetrics
 from .routes import api, health
 from .routes import history as history_routes
+from .routes.api import REPLICA_HEADER
 from .security import (
     HEALTH_PATHS,
     SERVICE_PREFIXES,
@@ -152,7 +153,7 @@ def create_app(settings: Settings, engine: EngineAPI, *, state: ServiceState | N
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
                            expose_headers=["X-Zimage-Seed", "X-Zimage-Seeds", "X-Zimage-Clamped",
-                                           "X-Zimage-Job", "X-Zimage-History-Id", "Retry-After"],
+                                           "X-Zimage-Job", "X-Zimage-History-Id", REPLICA_HEADER, "Retry-After"],
                            allow_credentials=True)
     hosts = allowed_hosts(settings)
     if hosts is not None:  # outermost: a request for a name this server does not answer to goes no further

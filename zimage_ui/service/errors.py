@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..engine.jobs import error_kind
+from ..messages import Message
 from ..validation import RequestError
 
 NOT_READY_RETRY_S = 5  # Retry-After while loading, for a busy client, after a cancel
@@ -34,6 +35,10 @@ class ErrorBody(BaseModel):
     error: str = Field(..., description="A short code: invalid_request, body_too_large, queue_full, ...")
     message: str = Field(..., description="What is wrong, in one line; names the field when one is to blame.")
     field: str | None = Field(None, description="The request field to blame (422, 413).")
+    message_code: str | None = Field(None, description="The message's code in the catalogue (refusal.queue_full, "
+                                     "admission.over, ...), with its figures in `message_values`, for a client "
+                                     "that says it in another language.")
+    message_values: dict[str, Any] | None = Field(None, description="The figures the message is made of.")
 
 
 def err(description: str) -> dict[str, Any]:
@@ -50,22 +55,30 @@ def without_paths(text: str) -> str:
     return _ABSOLUTE_PATH.sub(lambda m: "…/" + re.split(r"[/\\]", m.group(0))[-1], text)
 
 
-def error_response(status: int, code: str, message: str, /, *, retry_after: float | None = None,
+def error_response(status: int, code: str, message: Message | str, /, *, retry_after: float | None = None,
                    **extra: Any) -> JSONResponse:
-    """The error body (``error``, ``message`` without server paths, ``extra`` fields), with Retry-After if given.
+    """The error body (``error``, ``message`` in English without server paths, ``extra`` fields), with Retry-After
+    if given; a typed message adds its code and figures (``message_code``, ``message_values``).
     Positional-only: a ``status`` field in ``extra`` (the readiness state of a not-ready answer) is a field."""
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": code, "message": without_paths(message), **extra}, status_code=status,
+    if isinstance(message, Message):
+        typed = message.to_dict()
+        extra = {"message_code": typed["code"], "message_values": typed["values"], **extra}
+    return JSONResponse({"error": code, "message": without_paths(str(message)), **extra}, status_code=status,
                         headers=headers)
 
 
-def invalid(errors: list[tuple[str, str]]) -> JSONResponse:
-    """422 ``invalid_request`` naming the first culprit in ``field`` and every one in ``errors``."""
+def invalid(errors: list[tuple[str, Message | str]]) -> JSONResponse:
+    """422 ``invalid_request`` naming the first culprit in ``field`` and every one in ``errors`` (a typed message
+    with its ``code`` and ``values``)."""
     errors = [(f or '""', m) for f, m in errors]  # an empty key is still a field the client sent
     field = errors[0][0] if errors else "body"
     message = "; ".join(f"{f}: {m}" for f, m in errors) or "invalid request"
     return error_response(422, "invalid_request", message, field=field,
-                          errors=[{"field": f, "message": m} for f, m in errors])
+                          errors=[{"field": f, "message": str(m)}
+                                  | ({"code": m.code, "values": m.to_dict()["values"]} if isinstance(m, Message)
+                                     else {})
+                                  for f, m in errors])
 
 
 @dataclass(frozen=True)
@@ -97,11 +110,13 @@ ENGINE_ANSWERS: dict[str, HttpAnswer] = {
 }
 
 
-def engine_error_response(exc: BaseException | None, *, message: str | None = None, **extra: Any) -> JSONResponse:
+def engine_error_response(exc: BaseException | None, *, message: Message | str | None = None,
+                          **extra: Any) -> JSONResponse:
     """The answer to an engine error (or a ``RequestError``): ``ENGINE_ANSWERS[error_kind(exc)]``; ``message``
-    replaces the error's own text, ``extra`` adds fields."""
+    replaces the error's own (typed, when it has one) message, ``extra`` adds fields."""
     if isinstance(exc, RequestError):
         return invalid(exc.errors)
     answer = ENGINE_ANSWERS[error_kind(exc)]
-    return error_response(answer.status, answer.code, str(exc) if message is None else message,
-                          **{**answer.fields(exc), **extra})
+    if message is None:
+        message = getattr(exc, "message", None) or str(exc)
+    return error_response(answer.status, answer.code, message, **{**answer.fields(exc), **extra})

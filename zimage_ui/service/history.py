@@ -236,7 +236,7 @@ class History:
             "total_s": result.timings.get("total_s") if result else None,
             "peak_working_bytes": result.peak_working_bytes if result else None,
             "paths": list(result.paths) if result else [], "changes": [str(c) for c in job.changes],
-            "notes": list(result.notes if result else job.notes), "error": error,
+            "notes": [str(n) for n in (result.notes if result else job.notes)], "error": error,
         }
         for key in _JSON_COLUMNS:
             values[key] = json.dumps(values[key], ensure_ascii=False) if values[key] is not None else None

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..engine.api import LOCAL_REPLICA
 from ..engine.jobs import REJECTION_KINDS, EngineError, Job, JobState, NotReady, error_kind
 
 if TYPE_CHECKING:
@@ -118,6 +119,42 @@ class _EngineCollector(Collector):
         if isinstance(snapshot.get("peak_working_bytes"), int):
             yield GaugeMetricFamily("zimage_vram_peak_working_bytes", "Peak working memory of the last job.",
                                     value=snapshot["peak_working_bytes"])
+        replicas = engine.replicas() if engine is not None else []
+        if any(r.get("replica") != LOCAL_REPLICA for r in replicas):  # per-replica series: Ray Serve's replicas
+            yield from replica_families(replicas)
+
+
+REPLICA_LABELS = ["replica", "host", "gpu"]
+
+
+def replica_families(replicas: list[dict[str, Any]]) -> Iterator[Any]:
+    """Per-replica series (Ray Serve scale-out), labelled ``replica``, ``host`` and ``gpu``.
+
+    >>> fams = list(replica_families([{"replica": "a1", "host": "h", "gpu": "0", "ready": True, "served": 3,
+    ...                                "queue": {"depth": 1}, "snapshot": {"weights_bytes": 5}}]))
+    >>> [(f.name, f.samples[0].value) for f in fams][:3]
+    [('zimage_replica_ready', 1), ('zimage_replica_queue_depth', 1), ('zimage_replica_jobs', 3)]
+    >>> fams[0].samples[0].labels
+    {'replica': 'a1', 'host': 'h', 'gpu': '0'}
+    """
+    ready = GaugeMetricFamily("zimage_replica_ready", "1 while the replica is ready.", labels=REPLICA_LABELS)
+    depth = GaugeMetricFamily("zimage_replica_queue_depth", "Jobs waiting or running on the replica.",
+                              labels=REPLICA_LABELS)
+    served = CounterMetricFamily("zimage_replica_jobs", "Jobs this door sent to the replica that ended.",
+                                 labels=REPLICA_LABELS)
+    vram = GaugeMetricFamily("zimage_replica_vram_bytes", "Device memory of the replica by segment.",
+                             labels=[*REPLICA_LABELS, "segment"])
+    for r in replicas:
+        labels = [str(r.get("replica")), str(r.get("host")), str(r.get("gpu"))]
+        ready.add_metric(labels, int(bool(r.get("ready"))))
+        depth.add_metric(labels, (r.get("queue") or {}).get("depth", 0))
+        served.add_metric(labels, r.get("served", 0))
+        snapshot = r.get("snapshot") or {}
+        for segment in VRAM_SEGMENTS:
+            value = snapshot.get(f"{segment}_bytes")
+            if isinstance(value, int):
+                vram.add_metric([*labels, segment], value)
+    yield from (ready, depth, served, vram)
 
 
 def _snapshot(engine: EngineAPI | None) -> dict[str, Any]:

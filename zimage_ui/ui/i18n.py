@@ -1,4 +1,5 @@
-"""The page's words in English and Chinese, kept as data in ``zimage_ui/assets/i18n/<lang>.json``.
+"""The page's words in English and Chinese: the one catalogue, ``zimage_ui/assets/i18n/<lang>.json``, read by
+:mod:`zimage_ui.messages` (the API and the command line render the same messages in English).
 
 Translation happens on the server, per browser session: the status line, the VRAM bar's legend and the clamp
 messages are built in Python, so one table serves both the static labels and the live text.
@@ -13,31 +14,10 @@ messages are built in Python, so one table serves both the static labels and the
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
+from ..messages import DEFAULT_LANGUAGE, I18N_DIR, LANGUAGES, format_bytes, render, strings, t
 
-from ..paths import ASSETS_DIR
-
-I18N_DIR = ASSETS_DIR / "i18n"
-LANGUAGES = ("en", "zh")
-DEFAULT_LANGUAGE = "en"
-
-
-@functools.lru_cache(maxsize=8)
-def strings(lang: str, folder: str | None = None) -> dict[str, str]:
-    """The table for ``lang`` (read once)."""
-    path = Path(folder or I18N_DIR) / f"{lang}.json"
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def t(lang: str, key: str, **values: object) -> str:
-    """The text for ``key`` in ``lang`` with ``{names}`` filled in; English, then the key itself, as fallbacks."""
-    lang = lang if lang in LANGUAGES else DEFAULT_LANGUAGE
-    text = strings(lang).get(key)
-    if text is None:
-        text = strings(DEFAULT_LANGUAGE).get(key, key)
-    return text.format(**values) if values else text
+__all__ = ["DEFAULT_LANGUAGE", "I18N_DIR", "LANGUAGES", "format_bytes", "format_seconds", "pick_language", "render",
+           "strings", "t"]
 
 
 def pick_language(setting: str, accept_language: str | None) -> str:
@@ -50,17 +30,6 @@ def pick_language(setting: str, accept_language: str | None) -> str:
         if primary in LANGUAGES:
             return primary
     return DEFAULT_LANGUAGE
-
-
-def format_bytes(n: int | float, lang: str = "en") -> str:
-    """Bytes as the bar's legend shows them: GiB with one decimal (2**30 bytes, the unit nvidia-smi's MiB add up
-    to), MiB below 0.95 GiB."""
-    n = max(0, int(n))
-    if n >= 2**30 * 0.95:
-        return f"{n / 2**30:.1f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.0f} MiB"
-    return f"{n / 2**10:.0f} KiB"
 
 
 def format_seconds(seconds: float, lang: str = "en") -> str:

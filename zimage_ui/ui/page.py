@@ -19,22 +19,23 @@ import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from ..engine.jobs import EngineError, Job, JobState, NotReady, error_kind
+from ..engine.jobs import ClientBusy, EngineError, Job, JobState, MemoryRefused, NotReady, QueueFull
 from ..limits import Client, DoorLimits
+from ..messages import word
 from ..models.shapes_world import EXAMPLE_PROMPTS
 from ..paths import ASSETS_DIR
 from ..sizes import SizeTable, load_sizes
 from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
-from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, strings, t
-from .vram import render_vram_bar
+from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, render, strings, t
+from .vram import render_vram_bar, render_vram_bars
 
 if TYPE_CHECKING:
     from ..engine.api import EngineAPI
@@ -166,6 +167,9 @@ class Page:
     # --- the bar, the notice, the button --------------------------------------------------------------------------
     def projection(self, request: RunRequest | None, lang: str) -> tuple[str, bool]:
         """(bar HTML, Generate enabled) for ``request`` against the memory now."""
+        replicas = self.engine.replicas()  # Ray Serve replicas: one bar each (one engine here: one bar)
+        if len(replicas) > 1:
+            return self._replica_bars(replicas, request, lang)
         if not self.engine.ready:
             snapshot = self._snapshot()
             return render_vram_bar(snapshot, lang=lang), False
@@ -177,6 +181,19 @@ class Page:
         suggestion = getattr(admission, "suggestion", None)
         largest = (suggestion.width, suggestion.height, suggestion.batch) if suggestion is not None else None
         html = render_vram_bar(snapshot, need_bytes=need, admission=admission, largest=largest, lang=lang)
+        return html, admission.state != "over"
+
+    def _replica_bars(self, replicas: list[dict[str, Any]], request: RunRequest | None,
+                      lang: str) -> tuple[str, bool]:
+        """One bar per replica; the projection on the bar of the replica that would take ``request``."""
+        if not self.engine.ready or request is None:
+            return render_vram_bars(replicas, target=self.engine.target_replica(), lang=lang), self.engine.ready
+        need = int(self.engine.predict_working_bytes(request))
+        admission = self.engine.admit(request)
+        suggestion = getattr(admission, "suggestion", None)
+        largest = (suggestion.width, suggestion.height, suggestion.batch) if suggestion is not None else None
+        html = render_vram_bars(replicas, target=self.engine.target_replica(need), need_bytes=need,
+                                admission=admission, largest=largest, lang=lang)
         return html, admission.state != "over"
 
     def _snapshot(self) -> Any:
@@ -192,9 +209,9 @@ class Page:
         """Markdown listing what the validator changes (seed draws aside) and how the preset will run."""
         if validated is None:
             return ""
-        lines = [str(c) for c in validated.changes if c.field != "seed" or c.reason != "random seed"]
+        lines = [render(c.message, lang) for c in validated.changes if not c.is_seed_draw]
         if self.engine.ready:
-            lines += self.engine.notes_for(validated.request)
+            lines += [render(note, lang) for note in self.engine.notes_for(validated.request)]
         if not lines:
             return ""
         title = t(lang, "clamped_title" if applied else "clamp_preview_title")
@@ -307,7 +324,15 @@ class Page:
     def idle_status(self, lang: str) -> str:
         if self.engine.ready:
             return t(lang, "status_idle")
-        return t(lang, "status_not_ready", reason=self.engine.reason)
+        return t(lang, "status_not_ready", reason=self.reason_text(lang))
+
+    def reason_text(self, lang: str) -> str:
+        """Why the engine is not ready, in ``lang``: its state in words (loading, warming up, …), or the failure's
+        own text."""
+        state = getattr(self.engine.state, "value", str(self.engine.state))
+        if state in ("new", "loading", "warming", "stopped"):
+            return word(lang, state)
+        return self.engine.reason
 
     def title_html(self, lang: str) -> str:
         """Title, subtitle and the model line (model, device, dtype; or why it is not ready)."""
@@ -318,7 +343,7 @@ class Page:
         elif getattr(self.engine.state, "value", "") == "failed":
             model = t(lang, "model_failed", reason=self.engine.reason)
         else:
-            model = t(lang, "model_loading", reason=self.engine.reason)
+            model = t(lang, "model_loading", reason=self.reason_text(lang))
         import html as _html
 
         return (f'<div><h1>{_html.escape(t(lang, "title"))}</h1>'
@@ -382,18 +407,31 @@ class Page:
         }
 
     # --- handlers: generate, cancel, unload -----------------------------------------------------------------------
+    def _checked(self, values: dict[Any, Any], lang: str) -> Validated | str:
+        """The request as it will run, or why it can't run, in ``lang``."""
+        try:
+            return self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
+        except RequestError as exc:
+            return t(lang, "invalid", errors=exc.render(lang))
+        except Exception as exc:  # not ready yet: the tokenizer-less validator can't be reached
+            return self.refusal_text(exc, lang)
+
+    def on_check_failed(self, values: dict[Any, Any]) -> dict[Any, Any]:
+        """The check refused the request: say why on the status line (the browser shows no toast for an error of
+        an unqueued event)."""
+        checked = self._checked(values, values.get(self.w.lang) or "en")
+        return {self.w.status: checked} if isinstance(checked, str) else {}
+
     def on_check(self, values: dict[Any, Any]) -> dict[Any, Any]:
         """Before queueing (``queue=False``): validate, write the clamped values back, say what changed.
 
-        A request that can't run at all stops here with an error toast, so it never enters a queue.
+        A request that can't run at all stops here with an error (for gradio_client, an exception; on the page,
+        :meth:`on_check_failed` then puts it on the status line), so it never enters a queue.
         """
         w, lang = self.w, values.get(self.w.lang) or "en"
-        try:
-            validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
-        except RequestError as exc:
-            raise gr.Error(t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors))) from None
-        except Exception as exc:  # not ready yet: the tokenizer-less validator can't be reached
-            raise gr.Error(str(exc)) from None
+        validated = self._checked(values, lang)
+        if isinstance(validated, str):
+            raise gr.Error(validated)
         r = validated.request
         out: dict[Any, Any] = {w.notice: notice_update(self.notice(validated, lang, applied=True)), w.steps: r.steps,
                                w.guidance: r.guidance, w.width: r.width, w.height: r.height, w.batch: r.batch,
@@ -401,6 +439,12 @@ class Page:
         if not values.get(w.random_seed):
             out[w.seed] = r.seed
         return out
+
+    def refusal_text(self, exc: BaseException, lang: str) -> str:
+        """An engine refusal in ``lang``: not ready (with the state in words), or the refusal's own message."""
+        if isinstance(exc, NotReady) or not isinstance(exc, EngineError):
+            return t(lang, "status_not_ready", reason=self.reason_text(lang))
+        return render(exc.message, lang) if exc.message is not None else str(exc)
 
     def on_generate(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         """Submit to the engine as this session and stream its queue position, steps, then the images."""
@@ -412,9 +456,9 @@ class Page:
         try:
             validated = self.limits.shape(self.engine.validate(self.raw_request(values)), self.engine)
         except RequestError as exc:
-            yield from refuse(w, t(lang, "invalid", errors="; ".join(f"{f}: {m}" for f, m in exc.errors)))
+            yield from refuse(w, t(lang, "invalid", errors=exc.render(lang)))
         except EngineError as exc:
-            yield from refuse(w, t(lang, "status_not_ready", reason=str(exc)))
+            yield from refuse(w, self.refusal_text(exc, lang))
         first: dict[Any, Any] = {w.status: t(lang, "status_submitting"), w.last_active: time.monotonic()}
         note = self.notice(validated, lang, applied=True)
         if note:
@@ -423,8 +467,14 @@ class Page:
             yield from refuse(w, t(lang, "rate_limited", n=self.limits.per_minute, retry=f"{math.ceil(wait_s)}"))
         try:
             job = self.engine.submit(validated, owner=owner)
+        except ClientBusy:
+            yield from refuse(w, t(lang, "busy"))
+        except QueueFull as exc:
+            yield from refuse(w, t(lang, "queue_full", depth=exc.depth, retry=f"{exc.retry_after_s:.0f}"))
+        except MemoryRefused as exc:
+            yield from refuse(w, t(lang, "memory_refused", message=render(exc.admission.message, lang)))
         except EngineError as exc:
-            yield from refuse(w, refusal_text(exc, lang))
+            yield from refuse(w, self.refusal_text(exc, lang))
         changed = threading.Event()
         job.on_change(lambda _job: changed.set())
         self._track(session, job)
@@ -495,7 +545,9 @@ class Page:
             return out
         if job.state != JobState.DONE or job.result is None:
             kind = getattr(job.error, "kind", "error")
-            out[w.status] = t(lang, "status_oom" if kind == "oom" else "status_failed", error=str(job.error))
+            error = job.error
+            said = render(error.message, lang) if isinstance(error, EngineError) and error.message else str(error)
+            out[w.status] = t(lang, "status_oom" if kind == "oom" else "status_failed", error=said)
             return out
         result = job.result
         r = result.request
@@ -699,6 +751,8 @@ class Page:
             check = trigger(self.api_check, inputs, check_out, queue=False, show_progress="hidden", **visibility)
             visibility = {"api_name": names[1]} if names[1] else {"api_visibility": "private"}
             check.success(self.api_generate, inputs + [w.gallery_state], generate_out, **queued, **visibility)
+            check.failure(self.on_check_failed, set(inputs), [w.status], queue=False, show_progress="hidden",
+                          api_visibility="private")
         w.cancel.click(self.api_cancel, [w.lang], [w.status], queue=False, api_name="cancel")
         demo.unload(self.on_unload)
 
@@ -725,22 +779,6 @@ def merge_updates(out: dict[Any, Any], more: dict[Any, Any]) -> dict[Any, Any]:
         new_u = new if _is_update(new) else {"__type__": "update", "value": new}
         out[component] = {**old_u, **new_u}
     return out
-
-
-# What the page says when the engine refuses a job, by the error's kind (engine.jobs.error_kind, the same kinds the
-# API's table and the metrics map from): the message key and its values. Any other kind: "not ready: why".
-_REFUSALS: dict[str, Callable[[Any], tuple[str, dict[str, Any]]]] = {
-    "client_busy": lambda exc: ("busy", {}),
-    "queue_full": lambda exc: ("queue_full", {"depth": exc.depth, "retry": f"{exc.retry_after_s:.0f}"}),
-    "memory": lambda exc: ("memory_refused", {"message": exc.admission.message}),
-}
-
-
-def refusal_text(exc: EngineError, lang: str) -> str:
-    """The page's line for a refused submission, in ``lang``."""
-    make = _REFUSALS.get(error_kind(exc), lambda e: ("status_not_ready", {"reason": str(e)}))
-    key, values = make(exc)
-    return t(lang, key, **values)
 
 
 def refuse(w: Widgets, message: str) -> Iterator[dict[Any, Any]]:

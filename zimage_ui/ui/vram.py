@@ -4,9 +4,9 @@ The engine measures (``zimage_ui.memory``); this module only draws. Everything i
 (``data-segment``, integer ``data-bytes``, ``data-state``) so tests and scripts read the same numbers a user sees.
 
     >>> from zimage_ui.memory.probe import MemorySnapshot
-    >>> GB = 2**30
-    >>> snap = MemorySnapshot("cuda", "H100", "GPU · VRAM", 80 * GB, 20 * GB, 0, 0, 2 * GB, 58 * GB, 0)
-    >>> view = bar_view(snap, need_bytes=3 * GB, state="ok")
+    >>> from zimage_ui.units import GiB
+    >>> snap = MemorySnapshot("cuda", "H100", "GPU · VRAM", 80 * GiB, 20 * GiB, 0, 0, 2 * GiB, 58 * GiB, 0)
+    >>> view = bar_view(snap, need_bytes=3 * GiB, state="ok")
     >>> [(s.name, round(s.percent, 1)) for s in view.segments]
     [('weights', 25.0), ('other', 2.5), ('working', 0.0), ('free', 72.5)]
     >>> round(view.projected_left, 1), round(view.projected_width, 2)
@@ -99,26 +99,35 @@ def shape_text(shape: tuple[int, int, int], lang: str) -> str:
     return t(lang, key, width=width, height=height, batch=batch)
 
 
+COMPACT_FROM = 4  # more replicas than this: one thin bar each, no legend (the bar of the next request keeps it)
+
+
 def render_vram_bar(snapshot: Any, *, need_bytes: int | None = None, admission: Any = None,
-                    largest: tuple[int, int, int] | None = None, lang: str = "en") -> str:
-    """The bar's HTML: head line, ``#vram-bar`` with one child per segment, legend with GiB figures, message."""
+                    largest: tuple[int, int, int] | None = None, lang: str = "en", bar_id: str = "vram-bar",
+                    title: str | None = None, replica: str | None = None, legend: bool = True) -> str:
+    """The bar's HTML: head line, ``#vram-bar`` with one child per segment, legend with GiB figures, message.
+
+    With several replicas (``render_vram_bars``) each bar has its own ``bar_id``, a ``title`` naming the replica
+    (``data-replica``), and only the bar of the replica that takes the next request shows the projection."""
+    esc = html.escape
+    tag = f' data-replica="{esc(replica)}"' if replica is not None else ""
     if snapshot is None:
-        return (f'<div class="zb"><div id="vram-bar" class="zb-bar" data-state="ok" data-total-bytes="0"></div>'
-                f'<div class="zb-msg">{html.escape(t(lang, "state.unknown"))}</div></div>')
+        head = f'<div class="zb-head"><span class="zb-label">{esc(title)}</span></div>' if title else ""
+        return (f'<div class="zb">{head}<div id="{bar_id}" class="zb-bar" data-state="ok" data-total-bytes="0"'
+                f'{tag}></div><div class="zb-msg">{esc(t(lang, "state.unknown"))}</div></div>')
     state = admission.state if admission is not None else "ok"
     view = bar_view(snapshot, need_bytes, state)
-    esc = html.escape
     used = t(lang, "bar_title_used", used=format_bytes(view.used_bytes), total=format_bytes(view.total_bytes))
     parts = [
         '<div class="zb">',
         '<div class="zb-head">',
-        f'<span class="zb-label">{esc(view.label)}</span>',
+        f'<span class="zb-label">{esc(title or view.label)}</span>',
         # "CPU" beside "CPU · RAM" says nothing; a GPU's name does
         f'<span class="zb-device">{esc("" if view.device_name in view.label else view.device_name)}</span>',
         f'<span class="zb-used">{esc(used)}</span>',
         '</div>',
-        f'<div id="vram-bar" class="zb-bar" data-state="{esc(view.state)}" data-total-bytes="{view.total_bytes}"'
-        f' data-need-bytes="{int(need_bytes or 0)}" role="img" aria-label="{esc(_aria(view, lang))}">',
+        f'<div id="{bar_id}" class="zb-bar" data-state="{esc(view.state)}" data-total-bytes="{view.total_bytes}"'
+        f' data-need-bytes="{int(need_bytes or 0)}"{tag} role="img" aria-label="{esc(_aria(view, lang))}">',
     ]
     for seg in view.segments:
         title = f"{t(lang, 'seg.' + seg.name)}: {format_bytes(seg.bytes)}"
@@ -130,6 +139,12 @@ def render_vram_bar(snapshot: Any, *, need_bytes: int | None = None, admission: 
                      f' style="left:{view.projected_left:.4f}%;width:{view.projected_width:.4f}%"'
                      f' title="{esc(title)}"></div>')
     parts.append('</div>')
+    if not legend:
+        if admission is not None or replica is None:
+            parts.append(f'<div class="zb-msg" data-state="{esc(view.state)}">'
+                         f'{esc(admission_message(admission, largest, lang))}</div>')
+        parts.append('</div>')
+        return "".join(parts)
     parts.append('<div class="zb-legend">')
     for seg in view.segments:
         parts.append(f'<span class="zb-key" data-key="{seg.name}"><i class="zb-swatch"></i>'
@@ -146,3 +161,36 @@ def render_vram_bar(snapshot: Any, *, need_bytes: int | None = None, admission: 
 
 def _aria(view: BarView, lang: str) -> str:
     return "; ".join(f"{t(lang, 'seg.' + s.name)} {format_bytes(s.bytes)}" for s in view.segments)
+
+
+def render_vram_bars(replicas: list[dict[str, Any]], *, target: str | None, need_bytes: int | None = None,
+                     admission: Any = None, largest: tuple[int, int, int] | None = None, lang: str = "en") -> str:
+    """One bar per replica (``EngineAPI.replicas()``), in a ``.zb-multi`` block; compact (thin, no
+    legend) when there are more than ``COMPACT_FROM``. The bar of ``target``, the replica that would take the
+    request, is ``#vram-bar`` and carries the projection and the admission message.
+
+    >>> from zimage_ui.memory.probe import MemorySnapshot
+    >>> snap = MemorySnapshot("cuda", "H200", "GPU · VRAM", 100, 20, 0, 0, 0, 80, 0).to_dict()
+    >>> page = render_vram_bars([{"replica": "a", "host": "h", "gpu": "0", "snapshot": snap},
+    ...                          {"replica": "b", "host": "h", "gpu": "1", "snapshot": snap}], target="b")
+    >>> page.count('data-replica='), 'id="vram-bar" class="zb-bar" data-state="ok" data-total-bytes="100"' in page
+    (2, True)
+    """
+    from ..memory.probe import MemorySnapshot
+
+    compact = len(replicas) > COMPACT_FROM
+    parts = [f'<div class="zb-multi{" zb-compact" if compact else ""}" data-replicas="{len(replicas)}">']
+    for index, r in enumerate(replicas):
+        mine = r.get("replica") == target
+        snapshot = MemorySnapshot.from_dict(r["snapshot"]) if r.get("snapshot") else None
+        title = t(lang, "replica_label", replica=r.get("replica"), host=r.get("host"), gpu=r.get("gpu"))
+        if not r.get("ready"):
+            title += " — " + t(lang, "replica_loading", state=r.get("state"))
+        elif mine:
+            title += " — " + t(lang, "replica_takes")
+        parts.append(render_vram_bar(snapshot, need_bytes=need_bytes if mine else None,
+                                     admission=admission if mine else None, largest=largest if mine else None,
+                                     lang=lang, bar_id="vram-bar" if mine else f"vram-bar-{index}", title=title,
+                                     replica=str(r.get("replica")), legend=mine or not compact))
+    parts.append('</div>')
+    return "".join(parts)

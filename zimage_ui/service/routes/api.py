@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from ... import __version__
 from ...engine.jobs import EngineError, Job, JobResult, JobState, NotReady, error_kind
 from ...limits import Client
+from ...messages import Count, Message
 from ...metadata import encode_png, png_info
 from ...validation import Change, RequestError
 from ..context import ServiceContext
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024  # a prompt is at most 8000 characters; anything far bigger is not a request
 DISCONNECT_POLL_S = 0.2  # how quickly a dropped client's job is cancelled
+REPLICA_HEADER = "X-Zimage-Replica"  # on every generate answer: the replica that ran the job ("local": this process)
 
 
 class GenerateBody(BaseModel):
@@ -97,7 +99,13 @@ def header_text(text: str) -> str:
 
 def is_seed_draw(change: Change) -> bool:
     """A drawn random seed is reported (X-Zimage-Seed), but it is not a clamp."""
-    return change.field == "seed" and change.before in ("random", -1)
+    return change.is_seed_draw
+
+
+def replica_name(job: Job) -> str:
+    """The replica that ran ``job`` (``X-Zimage-Replica``): a Ray Serve replica's id, or ``local`` (one engine in
+    this process)."""
+    return getattr(job, "replica", None) or "local"
 
 
 def client_address(request: Request) -> str:
@@ -126,7 +134,7 @@ async def read_json(request: Request) -> Any:
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
-        raise BodyError(invalid([("body", "expected a JSON object with at least a prompt")]))
+        raise BodyError(invalid([("body", Message("error.empty_body"))]))
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError, bad UTF-8, huge ints
@@ -154,6 +162,16 @@ def _wants_json(request: Request) -> bool:
     return "application/json" in accept and "image/png" not in accept
 
 
+def _change_json(change: Change) -> dict[str, Any]:
+    """A change as the API reports it: today's English fields (``before``/``after`` with their unit, ``reason``)
+    and the typed ones (``code``, ``values``)."""
+    unit = change.values.get("unit")
+    before, after = ((str(Count(change.before, unit)), str(Count(change.after, unit))) if unit
+                     else (_jsonable(change.before), _jsonable(change.after)))
+    return {"field": change.field, "before": before, "after": after, "reason": change.reason, "code": change.code,
+            "values": change.reason_message.to_dict()["values"]}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -174,7 +192,9 @@ def router(ctx: ServiceContext, r: APIRouter | None = None) -> APIRouter:
         except NotReady as exc:
             ready, status, reason = state.readiness(engine)
             return engine_error_response(exc, message=f"no memory reading yet: {reason}")
-        return JSONResponse(snapshot.to_dict())
+        body = snapshot.to_dict()
+        body["replicas"] = await run_in_threadpool(engine.replicas)  # one entry (local), or each Ray Serve replica
+        return JSONResponse(body)
 
     @r.get("/api/v1/presets", tags=["api"], summary="Presets and the limits the validator enforces")
     async def presets() -> dict[str, Any]:
@@ -254,24 +274,30 @@ def router(ctx: ServiceContext, r: APIRouter | None = None) -> APIRouter:
                 return Response(status_code=499)  # nobody reads it; the access log shows why the job ended
         return await _answer(request, job)
 
-    async def _answer(request: Request, job: Job) -> Response:
+    def _unfinished(job: Job) -> Response:
         if job.state == JobState.CANCELLED:
             if state.fatal is not None:
                 return error_response(503, "unhealthy", f"the server is unhealthy and restarting: {state.fatal}")
             why = "the server is shutting down" if state.draining else "the job was cancelled"
             return error_response(503, "cancelled", f"{why}; nothing was made", retry_after=NOT_READY_RETRY_S)
-        if job.state == JobState.FAILED:
-            error = job.error
-            if error_kind(error) == "oom":  # 507: the tiled retry did not fit either
-                return engine_error_response(error)
-            log.error("%s failed: %s", job.id, error)  # the full text (paths included) stays in the log
-            return engine_error_response(error, message=f"generation failed: {error}")
+        error = job.error
+        # 507: the tiled retry did not fit either; a full queue after all (a replica's, or Ray's): as at the door
+        if error_kind(error) in ("oom", "queue_full"):
+            return engine_error_response(error)
+        log.error("%s failed: %s", job.id, error)  # the full text (paths included) stays in the log
+        return engine_error_response(error, message=f"generation failed: {error}")
+
+    async def _answer(request: Request, job: Job) -> Response:
+        if job.state != JobState.DONE:
+            response = _unfinished(job)
+            response.headers[REPLICA_HEADER] = replica_name(job)
+            return response
         result = job.result
         assert result is not None  # DONE always carries a result
         history_id = history.row_for(job) if history is not None else None
         clamps = [str(c) for c in result.changes if not is_seed_draw(c)]
         headers = {"X-Zimage-Seed": str(result.seeds[0]), "X-Zimage-Seeds": ",".join(map(str, result.seeds)),
-                   "X-Zimage-Job": job.id}
+                   "X-Zimage-Job": job.id, REPLICA_HEADER: replica_name(job)}
         if clamps:
             headers["X-Zimage-Clamped"] = ";".join(header_text(c) for c in clamps)
         if history_id is not None:
@@ -282,9 +308,9 @@ def router(ctx: ServiceContext, r: APIRouter | None = None) -> APIRouter:
             for entry, png in zip(images, pngs, strict=True):
                 entry["png_base64"] = base64.b64encode(png).decode("ascii")
             body = {"images": images, "request": result.request.to_dict(), "clamped": clamps,
-                    "changes": [{"field": c.field, "before": _jsonable(c.before), "after": _jsonable(c.after),
-                                 "reason": c.reason} for c in result.changes],
-                    "notes": result.notes, "timings": result.timings,
+                    "changes": [_change_json(c) for c in result.changes],
+                    "notes": [str(n) for n in result.notes],
+                    "note_codes": [n.to_dict() for n in result.notes], "timings": result.timings,
                     "model": {"id": result.model_id, "label": result.model_label},
                     "peak_working_bytes": result.peak_working_bytes, "job_id": job.id, "history_id": history_id}
             return JSONResponse(body, headers=headers)
