@@ -212,8 +212,9 @@ class RemoteEngine:
     def replicas(self) -> list[dict[str, Any]]:
         """Every replica (``EngineAPI.replicas``): ``replica``, ``host``, ``gpu``, ``state``, ``ready``, ``queue``
         and ``snapshot`` (a ``MemorySnapshot.to_dict()``, None while loading) — what /api/v1/vram lists, the
-        metrics label and the page draws."""
+        metrics label and the page draws; also ``pid`` and ``actor_name`` (Ray's), ``available_bytes``, ``served``."""
         return [{"replica": r["replica"], "host": r.get("host"), "gpu": r.get("gpu"), "pid": r.get("pid"),
+                 "actor_name": r.get("actor_name"),
                  "state": r.get("state"), "ready": bool(r.get("ready")), "unloaded": bool(r.get("unloaded")),
                  "queue": r.get("queue"), "device": (r.get("model") or {}).get("device"),
                  "available_bytes": r.get("available_bytes"), "snapshot": r.get("snapshot"),
