@@ -105,16 +105,10 @@ class SmallMachine:
 @contextlib.contextmanager
 def small_machine(engine: Any, total: int = 4 * GiB, used: int = 0) -> Iterator[SmallMachine]:
     """Put ``engine``'s memory probe on a :class:`SmallMachine` for the duration (the probe is the engine's test
-    seam for memory: everything that measures goes through it)."""
-    from zimage_ui.memory.probe import MemoryProbe
-
+    seam for memory, reached through ``engine.test_seam()``: everything that measures goes through it)."""
     source = SmallMachine(total, used)
-    real = engine.probe
-    engine.probe = MemoryProbe(source, engine.weights_bytes)
-    try:
+    with engine.test_seam().fake_memory(source):
         yield source
-    finally:
-        engine.probe = real
 
 
 def make_hf_snapshot(cache: Path, repo_id: str, src: Path, rev: str = REV_A, ref: bool = True) -> Path:

@@ -37,7 +37,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine.api import BenchAPI
 
 from .units import GiB
 
@@ -119,7 +122,7 @@ def read_baseline(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _device_facts(engine: Any) -> dict[str, Any]:
+def _device_facts(engine: BenchAPI) -> dict[str, Any]:
     import torch
 
     from .metadata import package_versions
@@ -136,7 +139,7 @@ def _device_facts(engine: Any) -> dict[str, Any]:
     return info
 
 
-def _timed_generate(engine: Any, raw: dict[str, Any]) -> tuple[float, Any]:
+def _timed_generate(engine: BenchAPI, raw: dict[str, Any]) -> tuple[float, Any]:
     _sync()
     t0 = time.perf_counter()
     result = engine.generate(raw, timeout=3600)
@@ -144,7 +147,7 @@ def _timed_generate(engine: Any, raw: dict[str, Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def _direct_call(engine: Any, raw: dict[str, Any], seed: int) -> float:
+def _direct_call(engine: BenchAPI, raw: dict[str, Any], seed: int) -> float:
     """The same pipeline called as a script would: prompt encoded every time, PIL output, no queue, no file."""
     import torch
 
@@ -160,7 +163,7 @@ def _direct_call(engine: Any, raw: dict[str, Any], seed: int) -> float:
     return time.perf_counter() - t0
 
 
-def _vram_bar(engine: Any, during: list[Any] | None = None) -> dict[str, Any]:
+def _vram_bar(engine: BenchAPI, during: list[Any] | None = None) -> dict[str, Any]:
     """The VRAM bar's used bytes (everything but 'free') against NVML's device 'used', at idle and during a job."""
 
     def compare(snap: Any) -> dict[str, Any]:
@@ -183,7 +186,7 @@ def _vram_bar(engine: Any, during: list[Any] | None = None) -> dict[str, Any]:
     return out
 
 
-def _sample_during(engine: Any, raw: dict[str, Any], period_s: float = 0.02) -> list[Any]:
+def _sample_during(engine: BenchAPI, raw: dict[str, Any], period_s: float = 0.02) -> list[Any]:
     snaps: list[Any] = []
     stop = threading.Event()
 
@@ -202,7 +205,7 @@ def _sample_during(engine: Any, raw: dict[str, Any], period_s: float = 0.02) -> 
     return snaps
 
 
-def _sweep(engine: Any, options: BenchOptions, steps: int) -> dict[str, Any]:
+def _sweep(engine: BenchAPI, options: BenchOptions, steps: int) -> dict[str, Any]:
     """Every side × batch through admission; measured peak vs the estimator's prediction for those admitted."""
     from .engine.jobs import JobFailed, MemoryRefused
 
@@ -243,7 +246,7 @@ def _sweep(engine: Any, options: BenchOptions, steps: int) -> dict[str, Any]:
     return {"rows": rows, "summary": summary}
 
 
-def _soak(engine: Any, n: int, steps: int) -> dict[str, Any]:
+def _soak(engine: BenchAPI, n: int, steps: int) -> dict[str, Any]:
     """``n`` generations cycling through mixed sizes; reserved memory after the first round vs at the end."""
     import torch
 
@@ -271,11 +274,11 @@ def _soak(engine: Any, n: int, steps: int) -> dict[str, Any]:
             "readings": readings}
 
 
-def _idle_test(engine: Any, raw: dict[str, Any]) -> dict[str, Any]:
+def _idle_test(engine: BenchAPI, raw: dict[str, Any]) -> dict[str, Any]:
     """Unload on the worker's thread as the idle hook would, then time a request (which reloads)."""
     before = engine.memory_snapshot()
     t0 = time.perf_counter()
-    engine.worker.call(engine.unload).result()
+    engine.on_worker(engine.unload).result()
     unload_s = time.perf_counter() - t0
     after = engine.memory_snapshot()
     seconds, _ = _timed_generate(engine, raw)
@@ -287,7 +290,7 @@ def _idle_test(engine: Any, raw: dict[str, Any]) -> dict[str, Any]:
             "nvml_used_unloaded_bytes": (after.nvml or {}).get("device_used_bytes")}
 
 
-def _http(engine: Any, base: dict[str, Any], runs: int, concurrency: int = 0) -> dict[str, Any]:
+def _http(engine: BenchAPI, base: dict[str, Any], runs: int, concurrency: int = 0) -> dict[str, Any]:
     """The REST service (no web UI: it is not on this path) on a loopback port over ``engine``; client-side
     seconds from POST /api/v1/generate to the whole PNG answer, new prompt each run, then the same prompt; with
     ``concurrency``, that many clients at once (:func:`_concurrent`)."""
@@ -347,7 +350,7 @@ def _pixels_digest(png: bytes) -> str:
         return hashlib.sha256(im.tobytes()).hexdigest()
 
 
-def _concurrent(engine: Any, url: str, base: dict[str, Any], clients: int, sequential_rate: float,
+def _concurrent(engine: BenchAPI, url: str, base: dict[str, Any], clients: int, sequential_rate: float,
                 per_client: int = 3) -> dict[str, Any]:
     """``clients`` HTTP clients at once, ``per_client`` requests each, new prompts (the prompt cache is cleared
     first): images per second against one client's sequential rate. Two of the requests were first made alone;
@@ -425,7 +428,7 @@ def _cuda_ms(fn, repeats: int = 5) -> float:
     return round(statistics.median(times), 2)
 
 
-def _components(engine: Any, width: int, height: int) -> dict[str, Any]:
+def _components(engine: BenchAPI, width: int, height: int) -> dict[str, Any]:
     """Milliseconds of the parts around the denoise loop at ``width×height`` (CUDA): prompt encode, VAE decode
     eager / channels-last / compiled, and the two ways to turn the decoded tensor into PIL images."""
     import torch
@@ -507,7 +510,7 @@ def _png_levels(image: Any) -> dict[str, Any]:
     return out
 
 
-def _profile_pass(engine: Any, width: int, height: int, top: int = 12) -> list[dict[str, Any]]:
+def _profile_pass(engine: BenchAPI, width: int, height: int, top: int = 12) -> list[dict[str, Any]]:
     """The CUDA kernels of one transformer pass (a 1-step generation to latents, its prompt encode included), by
     GPU time: what SDPA really runs, and where the rest goes."""
     import torch
@@ -531,7 +534,7 @@ def _profile_pass(engine: Any, width: int, height: int, top: int = 12) -> list[d
         return [{"name": f"profile failed: {type(exc).__name__}: {str(exc)[:200]}", "ms": 0, "calls": 0}]
 
 
-def _latents(engine: Any, raw: dict[str, Any], path: Path, seeds: int = 8) -> dict[str, Any]:
+def _latents(engine: BenchAPI, raw: dict[str, Any], path: Path, seeds: int = 8) -> dict[str, Any]:
     """Final latents and decoded images for seeds ``0 … seeds−1`` at the preset size: saved to ``path`` if absent,
     else compared with the saved ones — latents cosine and relative L2, image PSNR (dB, 8-bit), per seed and the
     worst. Run bf16 first, then fp8 with the same file, to measure what fp8 changes."""
@@ -588,7 +591,7 @@ def run_bench(settings: Any, options: BenchOptions) -> dict[str, Any]:
         def loader(s: Any, device: Any) -> Any:
             return load_synthetic(device, s.dtype, configs=configs)
 
-    engine = Engine(settings, loader=loader)
+    engine: BenchAPI = Engine(settings, loader=loader)
     t0 = time.perf_counter()
     engine.start()
     wall_ready = time.perf_counter() - t0
@@ -606,7 +609,7 @@ def _progress(report: dict[str, Any], options: BenchOptions, section: str) -> No
         Path(options.out).write_text(to_json(report) + "\n")
 
 
-def _programme(engine: Any, options: BenchOptions, wall_ready: float) -> dict[str, Any]:
+def _programme(engine: BenchAPI, options: BenchOptions, wall_ready: float) -> dict[str, Any]:
     info = engine.model_info()
     book = engine.presets()
     preset = book.presets[options.preset or book.default]

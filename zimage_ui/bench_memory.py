@@ -29,7 +29,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine.api import BenchAPI
 
 from .units import GiB, gib
 
@@ -136,7 +139,7 @@ class ProcessWatch:
             t.join(5)
 
 
-def sweep_shapes(engine: Any) -> list[tuple[int, int]]:
+def sweep_shapes(engine: BenchAPI) -> list[tuple[int, int]]:
     """Every size class the page offers at 1:1, the middle class at 16:9, and the largest square the limits
     allow."""
     from .sizes import load_sizes
@@ -168,7 +171,7 @@ def run_cohost(settings: Any, options: Any, cohost_gib: float) -> dict[str, Any]
                               "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     budget_set = settings.vram_budget_gb is not None
     with ProcessWatch() as watch:
-        engine = Engine(settings, loader=loader)
+        engine: BenchAPI = Engine(settings, loader=loader)
         watch.phase = lambda: engine.state.value
         t0 = time.perf_counter()
         engine.start()
@@ -188,7 +191,7 @@ def run_cohost(settings: Any, options: Any, cohost_gib: float) -> dict[str, Any]
             report["sweep"]["nvidia_smi_peak_mib"] = watch.smi_peak_mib
             _progress(report, options, "sweep")
             report["fallback"] = _fallback(engine, bench_prompt) if budget_set else {"skipped": "no budget"}
-            report["oom_events"] = dict(engine.oom_events)
+            report["oom_events"] = dict(engine.model_info()["oom_events"])
             report["idle_after_sweep"] = _idle_footprint(engine, watch)
             report["estimator_after"] = engine.estimator.description
             budget = settings.vram_budget_gb
@@ -214,7 +217,7 @@ def run_cohost(settings: Any, options: Any, cohost_gib: float) -> dict[str, Any]
     return report
 
 
-def _idle_footprint(engine: Any, watch: ProcessWatch) -> dict[str, Any]:
+def _idle_footprint(engine: BenchAPI, watch: ProcessWatch) -> dict[str, Any]:
     time.sleep(2.5)  # the release comes within 2 s of the queue going empty
     held = watch.current()
     weights = engine.weights_bytes()
@@ -225,10 +228,10 @@ def _idle_footprint(engine: Any, watch: ProcessWatch) -> dict[str, Any]:
     limit = weights + (outside or 0) + GiB
     return {"process_gib": gib(held), "weights_gib": gib(weights), "outside_allocator_gib": gib(outside),
             "reserved_gib": gib(reserved), "limit_gib": gib(limit), "within": held <= limit,
-            "last_release": engine.last_release}
+            "last_release": engine.model_info()["last_cache_release"]}
 
 
-def _first_after_release(engine: Any, prompt: Any, runs: int = 5) -> dict[str, Any]:
+def _first_after_release(engine: BenchAPI, prompt: Any, runs: int = 5) -> dict[str, Any]:
     """Warm requests back to back (no release between them) against requests after 2.5 s idle (released)."""
     from .bench import _timed_generate
 
@@ -255,10 +258,12 @@ def _first_after_release(engine: Any, prompt: Any, runs: int = 5) -> dict[str, A
             "after_idle_cache_kept_s": [round(s, 4) for s in kept],
             "ratio": round(median(after) / median(warm), 3),
             "ratio_cache_kept": round(median(kept) / median(warm), 3),
-            "ratio_release_vs_kept": round(median(after) / median(kept), 3), "releases": engine.releases}
+            "ratio_release_vs_kept": round(median(after) / median(kept), 3),
+            "releases": engine.model_info()["cache_releases"]}
 
 
-def _http_sweep(engine: Any, options: Any, cohost_gib: float, prompt: Any, watch: ProcessWatch) -> dict[str, Any]:
+def _http_sweep(engine: BenchAPI, options: Any, cohost_gib: float, prompt: Any,
+                watch: ProcessWatch) -> dict[str, Any]:
     import httpx
     import uvicorn
 
@@ -330,7 +335,7 @@ def _http_sweep(engine: Any, options: Any, cohost_gib: float, prompt: Any, watch
             "shapes": len(shapes) // 4, "grab_at": grab_at}
 
 
-def _fallback(engine: Any, prompt: Any) -> dict[str, Any]:
+def _fallback(engine: BenchAPI, prompt: Any) -> dict[str, Any]:
     """Make the estimator under-predict one batch-4 decode so it really runs out of memory, and time the decode
     that recovers against the normal decode of the same four images."""
     from .bench import _timed_generate

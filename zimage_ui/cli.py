@@ -103,6 +103,7 @@ def _output_paths(output: Path, seeds: list[int]) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.api import EngineAPI
     from .engine.engine import Engine
     from .engine.jobs import EngineError
     from .metadata import save_png
@@ -113,14 +114,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     raw = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, preset=args.preset,
                             steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
                             seed=args.seed, batch=args.batch)
-    engine = Engine(settings)
+    engine: EngineAPI = Engine(settings)
     try:
         from .validation import validate
 
         validate(raw, engine.presets())  # bad input fails before the model loads
         engine.start()
-        if engine.banner:
-            print(engine.banner, file=sys.stderr)
+        if banner := engine.model_info().get("banner"):
+            print(banner, file=sys.stderr)
         validated = engine.validate(raw)
         for change in validated.changes:
             if not change.is_seed_draw:  # a drawn seed is printed with the result, it was not clamped

@@ -101,11 +101,11 @@ class DoorLimits:
         return None if self.limiter is None else self.limiter.hit(client.key, now=now)
 
     def shape(self, validated: Validated, engine: Any) -> Validated:
-        """``validated`` as this server runs it: unchanged, or within the kiosk page's limits."""
+        """``validated`` as this server runs it: unchanged, or within the kiosk page's limits. ``engine``: an
+        ``engine.api.EngineAPI`` (typed loosely: this shared module sits below the engine's layer)."""
         if not self.kiosk:
             return validated
-        model = getattr(engine, "model", None)
-        return kiosk_request(validated, engine.presets(), demo=bool(model is not None and model.is_demo))
+        return kiosk_request(validated, engine.presets(), demo=bool(engine.model_info().get("is_demo")))
 
 
 def kiosk_pixels(book: PresetBook, *, demo: bool) -> int:

@@ -31,7 +31,7 @@ def test_demo_model_is_ready_and_says_so(engine):
     assert engine.ready and info["is_demo"] and "demo" in info["label"]
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert engine.presets().presets["turbo"].width == 256  # the demo model's default: what it is trained for
-    assert engine.timer.known  # warm-up measured this machine's step time
+    assert engine.test_seam().timer.known  # warm-up measured this machine's step time
 
 
 def test_same_seed_same_pixels_and_files_saved(engine):
@@ -74,11 +74,11 @@ def test_progress_per_step(engine):
 
 
 def test_prompt_cache_skips_the_text_encoder(engine):
-    hits = engine.prompt_cache.hits
+    hits = engine.model_info()["prompt_cache"]["hits"]
     for seed in (1, 2):
         engine.generate({"prompt": "a unique prompt for caching", "width": 256, "height": 256, "seed": seed},
                         timeout=60)
-    assert engine.prompt_cache.hits == hits + 1
+    assert engine.model_info()["prompt_cache"]["hits"] == hits + 1
 
 
 def test_cancel_running_job_stops_at_next_step(engine):
@@ -89,8 +89,7 @@ def test_cancel_running_job_stops_at_next_step(engine):
         seen.append(request.steps)
         gate.wait(5)
 
-    engine.runners["turbo"].fault_hook = hook
-    try:
+    with engine.test_seam().fault(hook):
         job = engine.submit({"prompt": "x", "width": 256, "height": 256, "seed": 1})
         queued = engine.submit({"prompt": "y", "width": 256, "height": 256, "seed": 2})
         while not seen:
@@ -103,8 +102,6 @@ def test_cancel_running_job_stops_at_next_step(engine):
         with pytest.raises(JobCancelled):
             job.wait(30)
         assert job.step < 8
-    finally:
-        engine.runners["turbo"].fault_hook = None
     assert engine.generate({"prompt": "after", "width": 256, "height": 256, "seed": 1}, timeout=60).images
 
 

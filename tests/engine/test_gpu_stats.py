@@ -4,6 +4,7 @@ import types
 
 import torch
 
+from zimage_ui.engine.boot import Runtime
 from zimage_ui.engine.engine import Engine
 from zimage_ui.memory import nvml
 from zimage_ui.settings import Settings
@@ -14,9 +15,10 @@ def test_reads_the_gpu_the_model_is_on(monkeypatch):
     monkeypatch.setattr(nvml, "gpu_stats", lambda index: asked.append(index) or f"stats of {index}")
     engine = Engine(Settings(model="demo"))
     assert engine.gpu_stats() == "stats of 0"  # no model yet: GPU 0
-    engine.model = types.SimpleNamespace(device=torch.device("cuda", 1))
+    seam = engine.test_seam()
+    seam.runtime = Runtime(model=types.SimpleNamespace(device=torch.device("cuda", 1)), book=engine.presets())
     assert engine.gpu_stats() == "stats of 1"
-    engine.model = types.SimpleNamespace(device=torch.device("cpu"))  # a CPU model on a GPU machine: GPU 0
+    seam.runtime.model = types.SimpleNamespace(device=torch.device("cpu"))  # a CPU model on a GPU machine: GPU 0
     assert engine.gpu_stats() == "stats of 0"
     assert asked == [0, 1, 0]
 

@@ -6,7 +6,6 @@ call and then to tiles of a size chosen from the memory left. Only CUDA's number
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_ui.engine.engine import Engine
 from zimage_ui.engine.jobs import JobFailed
 from zimage_ui.memory.allocator import READY_HEADROOM_BYTES, START_HEADROOM_BYTES, ProcessBudget
 from zimage_ui.memory.estimator import (
@@ -25,7 +23,7 @@ from zimage_ui.memory.estimator import (
     decode_fallbacks,
     plan_decode,
 )
-from zimage_ui.memory.probe import MemoryProbe, RawMemory
+from zimage_ui.memory.probe import RawMemory
 from zimage_ui.units import GiB, MiB
 
 from ..support import demo_engine, wait_until
@@ -91,13 +89,13 @@ SMALL = {"prompt": "a red circle", "width": 256, "height": 256, "seed": 1}
 def test_cache_goes_back_after_warm_up_and_within_2_s_of_the_queue_going_empty(tmp_path):
     fake = FakeAllocator([int(1.3 * GiB)])
     with demo_engine(fake, output_dir=tmp_path) as engine:
-        assert engine.last_release["why"] == "warm-up" and len(fake.releases) == 1
+        assert engine.model_info()["last_cache_release"]["why"] == "warm-up" and len(fake.releases) == 1
         result = engine.generate(SMALL, timeout=60)
         finished = time.monotonic()
         assert result.images
         wait_until(lambda: len(fake.releases) == 2, timeout=2.0, interval=0.02)
         assert fake.releases[1] - finished <= 2.0
-        assert engine.last_release["why"] == "queue empty"
+        assert engine.model_info()["last_cache_release"]["why"] == "queue empty"
         time.sleep(1.5)  # idle: released once, not on every idle tick
         assert len(fake.releases) == 2
         assert engine.model_info()["cache_releases"] == 2
@@ -135,13 +133,14 @@ def test_budget_caps_the_allocator_below_the_budget_by_the_measured_context(tmp_
         # before loading: the context as measured then, and room for the kernels still to load
         assert fake.caps[0] == budget - context_at_start - START_HEADROOM_BYTES
         # after warm-up: measured again (lazily loaded kernels grew it), a smaller headroom
-        assert fake.caps[-1] == budget - context_warm - READY_HEADROOM_BYTES == engine.budget.allocator_cap_bytes
-        assert engine.budget.fraction == pytest.approx(fake.caps[-1] / H200_TOTAL)
+        cap = engine.test_seam().budget
+        assert fake.caps[-1] == budget - context_warm - READY_HEADROOM_BYTES == cap.allocator_cap_bytes
+        assert cap.fraction == pytest.approx(fake.caps[-1] / H200_TOTAL)
         info = engine.model_info()["budget"]
         assert info["outside_bytes"] == context_warm and info["measured"]
         # admission: what a job may use is the cap less the weights, never the budget less the weights
         weights = engine.weights_bytes()
-        engine.probe = MemoryProbe(FakeCudaSource(weights, context_warm), engine.weights_bytes)
+        engine.test_seam().use_memory(FakeCudaSource(weights, context_warm))
         request = engine.validate(SMALL).request
         admission = engine.admit(request)
         assert admission.available_bytes == fake.caps[-1] - weights - CUDA_RUNTIME_RESERVE_BYTES
@@ -164,7 +163,7 @@ def test_other_processes_that_leave_no_room_are_named(tmp_path):
     with demo_engine(fake, output_dir=tmp_path) as engine:
         weights = engine.weights_bytes()
         others = H200_TOTAL - weights - int(1.3 * GiB) - 64 * MiB  # an LLM server took nearly everything
-        engine.probe = MemoryProbe(FakeCudaSource(weights, int(1.3 * GiB), others=others), engine.weights_bytes)
+        engine.test_seam().use_memory(FakeCudaSource(weights, int(1.3 * GiB), others=others))
         admission = engine.admit(engine.validate(SMALL).request)
         assert admission.state == "over"
         assert "other processes use" in admission.message and f"{others / GiB:.1f} GiB" in admission.message
@@ -173,7 +172,7 @@ def test_other_processes_that_leave_no_room_are_named(tmp_path):
 
         for lang, words in (("en", "other programs use"), ("zh", "其他程序占用")):  # the page says it, in both
             assert words in admission_message(admission, None, lang)
-        engine.probe = MemoryProbe(FakeCudaSource(weights, int(1.3 * GiB), others=0), engine.weights_bytes)
+        engine.test_seam().use_memory(FakeCudaSource(weights, int(1.3 * GiB), others=0))
         assert engine.admit(engine.validate(SMALL).request).state == "ok"
 
 
@@ -182,17 +181,6 @@ def test_other_processes_that_leave_no_room_are_named(tmp_path):
 def engine(tmp_path_factory):
     with demo_engine(output_dir=tmp_path_factory.mktemp("out")) as e:
         yield e
-
-
-@contextlib.contextmanager
-def hooked(engine: Engine, seam: str, hook):
-    """Set one of the runner's test seams (``fault_hook``, ``decode_fault_hook``) for the duration."""
-    runner = engine.runners["turbo"]
-    setattr(runner, seam, hook)
-    try:
-        yield
-    finally:
-        setattr(runner, seam, None)
 
 
 def oom(gib: float) -> torch.cuda.OutOfMemoryError:
@@ -212,14 +200,14 @@ def test_decode_oom_is_learned_and_the_rest_decodes_one_image_at_a_time(engine):
         if len(plans) == 1:
             raise oom(1.0)
 
-    before = dict(engine.oom_events)
-    with hooked(engine, "decode_fault_hook", first_decode_fails):
+    before = dict(engine.model_info()["oom_events"])
+    with engine.test_seam().decode_fault(first_decode_fails):
         result = engine.generate(raw, timeout=60)
     assert [p.chunk for p in plans] == [2, 1, 1] and plans[1].tile is None
     assert any("VAE decode" in n and "1 image per decode" in n for n in result.notes), result.notes
     for a, b in zip(result.images, expected.images, strict=True):
         np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=2)
-    assert engine.oom_events["decode"] == before["decode"] + 1
+    assert engine.model_info()["oom_events"]["decode"] == before["decode"] + 1
     learned, phase = engine.estimator.learned[shape]
     assert phase == "decode" and learned >= int(1.1 * GiB)  # the failed allocation, at least, plus 10%
     # the same request is predicted right next time: at least what it was seen to need
@@ -239,7 +227,7 @@ def test_denoise_oom_is_learned_and_retried_once(engine):
         if attempt == 1:
             raise oom(0.5)
 
-    with hooked(engine, "fault_hook", first_attempt_fails):
+    with engine.test_seam().fault(first_attempt_fails):
         result = engine.generate(raw, timeout=60)
     assert 1 in attempts and 2 in attempts and result.images
     assert any("denoise" in n for n in result.notes)
@@ -257,7 +245,7 @@ def test_tiles_are_sized_from_the_memory_left_and_a_clear_error_when_nothing_fit
         if plan.tile is None:
             raise oom(0.25)
 
-    with hooked(engine, "decode_fault_hook", untiled_fails):
+    with engine.test_seam().decode_fault(untiled_fails):
         result = engine.generate(raw, timeout=60)
     assert plans[-1].tile is not None and plans[-1].tile < 512
     assert result.images[0].size == (512, 512) and any("tiles" in n for n in result.notes)
@@ -265,7 +253,7 @@ def test_tiles_are_sized_from_the_memory_left_and_a_clear_error_when_nothing_fit
     def always_fails(req, plan):
         raise oom(0.1)
 
-    with hooked(engine, "decode_fault_hook", always_fails), pytest.raises(JobFailed, match="smallest tiles") as info:
+    with engine.test_seam().decode_fault(always_fails), pytest.raises(JobFailed, match="smallest tiles") as info:
         engine.generate({**raw, "seed": 4}, timeout=60)
     assert info.value.kind == "oom"
     assert engine.generate({**raw, "seed": 5}, timeout=60).images  # and the engine goes on

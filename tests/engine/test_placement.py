@@ -65,7 +65,7 @@ def test_prompt_cache_is_an_lru_of_the_configured_size():
         cache.get((key,), lambda k=key: calls.append(k) or k)
     assert calls == ["a", "b", "c", "b"]  # "a" hit once; "b" was evicted by "c" (a was used more recently)
     assert (cache.hits, cache.misses) == (1, 4)
-    assert Engine(Settings(model="demo", prompt_cache_size=3)).prompt_cache.size == 3
+    assert Engine(Settings(model="demo", prompt_cache_size=3)).model_info()["prompt_cache"]["size"] == 3
 
 
 def test_worker_call_runs_on_the_worker_thread_before_jobs():
@@ -91,22 +91,11 @@ def idle_engine(tmp_path_factory):
         yield e
 
 
-def test_warm_up_ran_on_the_worker_thread(idle_engine, monkeypatch):
-    seen = []
-    e = Engine(Settings(model="demo", save_images=False))
-    monkeypatch.setattr(e, "_warm_up", lambda: seen.append(threading.current_thread().name))
-    e.start()
-    try:
-        assert seen == ["zimage-gpu-worker"] and e.ready
-    finally:
-        e.shutdown(0)
-
-
 def test_idle_unload_then_reload_on_the_next_request(idle_engine):
     e = idle_engine
     wait_until(lambda: e.model_info()["unloaded"], 10, what="unloaded while idle")
     info = e.model_info()
-    assert info["unloads"] >= 1 and info["reloads"] == 0 and e.prompt_cache.size == 16
+    assert info["unloads"] >= 1 and info["reloads"] == 0 and info["prompt_cache"]["size"] == 16
     assert e.admit(e.validate(REQ).request).state in ("ok", "tight")  # admission counts the weights as back
     result = e.generate(REQ, timeout=60)
     assert any("reloaded after idle unload" in n for n in result.notes) and "reload_s" in result.timings
@@ -120,8 +109,8 @@ def test_metrics_report_unload_and_reload(idle_engine):
 
     from zimage_ui.service.metrics import ServiceMetrics
 
-    wait_until(lambda: idle_engine.reloads >= 1 or idle_engine.model_info()["unloaded"], 10)
-    if idle_engine.reloads == 0:
+    wait_until(lambda: idle_engine.model_info()["reloads"] >= 1 or idle_engine.model_info()["unloaded"], 10)
+    if idle_engine.model_info()["reloads"] == 0:
         idle_engine.generate(REQ, timeout=60)
     text = generate_latest(ServiceMetrics(idle_engine).registry).decode()
     assert "zimage_model_reloads_total" in text and "zimage_model_reload_seconds" in text

@@ -61,7 +61,7 @@ def test_compiled_demo_engine_generates_and_unloads(tmp_path):
         a = e.generate(REQ, timeout=300)
         assert a.images[0].size == (256, 256)
         loaded = torch.cuda.memory_allocated()
-        e.worker.call(e.unload).result(60)
+        e.on_worker(e.unload).result(60)
         assert e.weights_bytes() == 0 and torch.cuda.memory_allocated() < loaded
         b = e.generate(REQ, timeout=300)
         assert e.model_info()["reloads"] == 1

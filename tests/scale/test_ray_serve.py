@@ -56,7 +56,7 @@ def server(tmp_path_factory, plan):
     try:
         settings = demo_settings(tmp, replicas=2, max_queue=2, save_images=False, grace_seconds=60)
         engine = start_local(settings, plan=plan, health_period_s=1.0)
-        assert engine.wait_ready(300, replicas=2), engine.replica_snapshots()
+        wait_until(lambda: sum(1 for r in engine.replicas() if r["ready"]) >= 2, 300, 0.1, "both replicas ready")
         live = LiveServer(settings, engine=engine)
         yield live
         live.stop()
@@ -96,7 +96,7 @@ def test_requests_spread_over_both_replicas_and_every_answer_names_its_replica(s
     for replica in ids:
         assert re.search(rf'zimage_replica_ready{{gpu="cpu",host="[^"]+",replica="{replica}"}} 1\.0', metrics)
     assert server.engine.model_info()["knows_shapes"] is False  # the replicas' word (untrained weights here)
-    served = {r["replica"]: r["served"] for r in server.engine.replica_snapshots()}
+    served = {r["replica"]: r["served"] for r in server.engine.replicas()}
     assert sum(served.values()) >= 8 and all(served.values())
 
 

@@ -51,7 +51,7 @@ def http(server):
 
 @pytest.fixture
 def runner(server):
-    runner = server.engine.runners["turbo"]
+    runner = server.engine.test_seam()
     yield runner
     if isinstance(runner.fault_hook, Gate):  # a failed test must not leave the next one's job held
         runner.fault_hook.release.set()
@@ -262,7 +262,7 @@ def test_overload_gets_only_200_and_503_with_retry_after(server, http, runner):
         t.start()
     # one runs (held at its first step), max_queue=2 wait, the other 7 are refused at once
     wait_until(lambda: gate.entered.is_set() and len(results) == 7, 60, what="7 refusals")
-    assert server.engine.worker.depth == 2
+    assert server.engine.test_seam().depth == 2
     assert http.get("/readyz").status_code == 200  # overloaded is not unready
     gate.release.set()
     for t in threads:
@@ -289,11 +289,11 @@ def test_client_disconnect_cancels_its_job(server, http, runner):
     holder = threading.Thread(target=running_client, daemon=True)
     holder.start()
     assert gate.entered.wait(30)
-    held = server.engine.worker.running
+    held = server.engine.test_seam().running
     # a second client queues behind it, then gives up: its queued job must leave the queue
     with pytest.raises(httpx.ReadTimeout), server.client(timeout=1.5) as c:
         c.post("/api/v1/generate", json={"prompt": "impatient", **SMALL})
-    wait_until(lambda: server.engine.worker.depth == 0, 10, what="queued job cancelled")
+    wait_until(lambda: server.engine.test_seam().depth == 0, 10, what="queued job cancelled")
     assert metric(http, 'zimage_jobs_total{outcome="cancelled"}') == cancelled + 1
     gate.release.set()
     holder.join(60)
@@ -314,7 +314,7 @@ def test_client_disconnect_cancels_its_job(server, http, runner):
     t = threading.Thread(target=drop, daemon=True)
     t.start()
     assert gate2.entered.wait(30)
-    job = server.engine.worker.running
+    job = server.engine.test_seam().running
     t.join(10)
     wait_until(lambda: job.cancel_requested, 10, what="cancel requested")
     gate2.release.set()

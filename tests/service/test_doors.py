@@ -264,7 +264,7 @@ def test_history_ids_are_bounded(classroom, path, status):
 
 
 def test_error_answers_name_no_server_paths(classroom, tmp_path):
-    runner = classroom.engine.runners["turbo"]
+    runner = classroom.engine.test_seam()
     secret = tmp_path / "srv" / "weights" / "model.safetensors"
 
     def fail(request, attempt):

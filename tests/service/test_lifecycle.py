@@ -133,12 +133,12 @@ def test_drain_refuses_new_work_and_answers_the_running_job(tmp_path):
     """In-process, with the running job held: what clients see between SIGTERM and the exit."""
     live = LiveServer(demo_settings(tmp_path, warmup=False, grace_seconds=60))
     gate = Gate()
-    live.engine.runners["turbo"].fault_hook = gate
+    live.engine.test_seam().fault_hook = gate
     small = {"width": 256, "height": 256, "steps": 2}
     held = _post_in_background(live.url, {"prompt": "held", **small})
     assert gate.entered.wait(30)
     queued = _post_in_background(live.url, {"prompt": "queued", **small})
-    wait_until(lambda: live.engine.worker.depth == 1, 30, what="second job queued")
+    wait_until(lambda: live.engine.test_seam().depth == 1, 30, what="second job queued")
     live.service.request_stop("SIGTERM")
     queued[0].join(30)
     assert queued[1]["r"].status_code == 503 and "shutting down" in queued[1]["r"].json()["message"]

@@ -101,7 +101,7 @@ def test_same_origin_and_listed_origins_are_allowed(teacher, server):
 def test_classroom_rate_limit_and_one_job_per_address(server, teacher):
     """rate_limit_per_minute=3: a fourth start within the minute is 429; meanwhile jobs_per_client=1 holds per
     address, so a second concurrent request from the same machine is 429 too (the classroom setting asks)."""
-    runner = server.engine.runners["turbo"]
+    runner = server.engine.test_seam()
     gate = Gate()
     runner.fault_hook = gate
     first: dict[str, httpx.Response] = {}

@@ -47,7 +47,7 @@ def test_hung_step_fails_readiness_and_exits_nonzero(tmp_path):
     def hang(request, attempt):
         release.wait(20)  # a kernel that never returns
 
-    live.engine.runners["turbo"].fault_hook = hang
+    live.engine.test_seam().fault_hook = hang
     answer: dict[str, httpx.Response] = {}
 
     def waiting_client() -> None:
@@ -74,7 +74,7 @@ def test_sticky_cuda_error_fails_readiness_and_exits_nonzero(tmp_path):
     def broken_gpu(request, attempt):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    live.engine.runners["turbo"].fault_hook = broken_gpu
+    live.engine.test_seam().fault_hook = broken_gpu
     try:
         with live.client() as c:
             r = c.post("/api/v1/generate", json={"prompt": "x", **SMALL})

@@ -142,7 +142,7 @@ def test_closing_the_tab_cancels_its_job_within_two_seconds(open_page, demo_engi
     page.click("#size-class label:has-text('512')")  # 50 steps at 512²: short steps, so the cancel lands quickly
     page.click("#generate-btn")
     page.wait_for_selector("#status:has-text('Step')", timeout=60_000)
-    job = demo_engine.worker.running
+    job = demo_engine.test_seam().running
     assert job is not None and job.request.steps == 50
     closed = time.monotonic()
     page.close()
@@ -155,27 +155,22 @@ def test_closing_the_tab_cancels_its_job_within_two_seconds(open_page, demo_engi
 def test_a_closed_tab_whose_unload_never_arrives_still_loses_its_queued_job(open_page, demo_engine):
     """Gradio's unload comes through the tab's heartbeat stream, which a browser holding six connections to the
     server (several tabs) or a buffering proxy may never open. The job's own event stream must be enough."""
-    import threading
     import time
 
     page = open_page()
     page.route("**/heartbeat/**", lambda route: route.abort())  # from now on no unload for this tab
     page.reload()
     page.wait_for_function("() => !document.querySelector('#generate-btn')?.disabled", timeout=30_000)
-    hold, held = threading.Event(), threading.Event()
-    demo_engine.worker.call(lambda: (held.set(), hold.wait(30)))  # the GPU busy: the job waits in the queue
-    try:
-        held.wait(10)
+    seam = demo_engine.test_seam()
+    with seam.hold():  # the GPU busy: the job waits in the queue
         page.fill("#prompt textarea", "a queued one")
         page.click("#generate-btn")
         page.wait_for_selector("#status:has-text('In the queue')", timeout=30_000)
-        job = demo_engine.worker._queue[0]
+        job = seam.waiting()[0]
         closed = time.monotonic()
         page.close()
         wait_until(lambda: job.done, timeout=10)
         took = time.monotonic() - closed
-    finally:
-        hold.set()
     assert job.state.value == "cancelled" and job.started is None
     assert took < 2.0, f"the job ended {took:.1f} s after the tab closed"
 
@@ -247,7 +242,7 @@ def test_the_chinese_page_says_clamps_admission_and_validation_in_chinese(open_p
     assert "提示词：不能为空" in error and not english_in(error), error
 
     # the memory verdict: 2 GiB in all, 1 GiB in use, 1536² × 4 won't fit (the estimator's own figures)
-    with small_machine(demo_engine, total=2 * GiB):
+    with small_machine(demo_engine, total=2 * GiB, used=1 * GiB):
         page.click("#size-class label:has-text('1536')")
         set_number(page, "#batch input[type=number]", "4")
         page.wait_for_selector("#vram-bar[data-state=over]", timeout=10_000)

@@ -90,7 +90,7 @@ def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine)
         # only looks at the result must not take the refusal for a finished run
         with pytest.raises(AppError, match="You already have a job waiting or running"):
             tab_a.predict(*FAST, api_name="/generate")
-        assert demo_engine.worker.depth == 0
+        assert demo_engine.test_seam().depth == 0
 
         # another session: no error, a queue position and an ETA
         waiting = tab_b.submit(*FAST, api_name="/generate")
@@ -107,7 +107,7 @@ def test_one_job_per_session_second_tab_queues_and_cancel(page_url, demo_engine)
         assert running.result(timeout=15)[0] == "Cancelled."
         assert time.monotonic() - t0 < 8
         assert tab_a.predict("en", api_name="/cancel") == "Nothing to cancel."
-        wait_until(lambda: demo_engine.worker.running is None, timeout=10)
+        wait_until(lambda: demo_engine.test_seam().running is None, timeout=10)
     finally:
         tab_a.close()
         tab_b.close()
@@ -129,7 +129,7 @@ def test_time_left_follows_the_running_jobs_own_steps(client, demo_engine):
 
     from zimage_ui.validation import RunRequest
 
-    timer = demo_engine.timer
+    timer = demo_engine.test_seam().timer
     saved = dict(vars(timer))
     request = RunRequest("x", "", "turbo", 16, 0.0, 768, 768, 1, 1)
     slow = timer.step_seconds(request) * 10

@@ -63,7 +63,7 @@ def test_one_login_with_made_up_sessions_has_one_job(demo_engine):
             for tab in tabs[1:]:  # new sessions of the same login on the same machine: not a new client
                 with pytest.raises(AppError, match="You already have a job"):
                     tab.predict(*FAST, api_name="/generate")
-            assert demo_engine.worker.depth == 0
+            assert demo_engine.test_seam().depth == 0
             api = httpx.post(url + "api/v1/generate", json={"prompt": "a red circle"},
                              auth=("class", "correct-horse"), timeout=30)
             assert api.status_code == 429 and api.json()["error"] == "client_busy"
@@ -74,7 +74,7 @@ def test_one_login_with_made_up_sessions_has_one_job(demo_engine):
         finally:
             for tab in tabs:
                 tab.close()
-        wait_until(lambda: demo_engine.worker.running is None, timeout=10)
+        wait_until(lambda: demo_engine.test_seam().running is None, timeout=10)
 
 
 def test_a_kiosks_api_takes_only_what_its_page_can_send(demo_engine):
@@ -92,26 +92,22 @@ def test_a_kiosks_api_takes_only_what_its_page_can_send(demo_engine):
         assert (width, height) == (1536, 1536) and "batch 4 → 1 (kiosk" in notice_text(notice)
 
         # the REST API: the same request is queued as the kiosk page would send it
-        hold, held = threading.Event(), threading.Event()
-        demo_engine.worker.call(lambda: (held.set(), hold.wait(30)))
+        seam = demo_engine.test_seam()
         answer: dict[str, Any] = {}
-        try:
-            assert held.wait(10)
+        with seam.hold():
             body = {"prompt": "a fox", "preset": "quality", "steps": 30, "width": 2048, "height": 2048,
                     "batch": 4}
             post = threading.Thread(target=lambda: answer.update(r=httpx.post(
                 url + "api/v1/generate", json=body, headers={"Accept": "application/json"}, timeout=30)))
             post.start()
-            wait_until(lambda: demo_engine.worker.depth == 1 or "r" in answer, timeout=15)
+            wait_until(lambda: seam.depth == 1 or "r" in answer, timeout=15)
             assert "r" not in answer, answer["r"].text
-            job = demo_engine.worker._queue[0]
+            job = seam.waiting()[0]
             r = job.request
             assert (r.steps, r.guidance, r.batch, r.width, r.height) == (quality.steps, quality.guidance, 1,
                                                                        1536, 1536)
             assert any(c.field == "batch" and c.reason.startswith("kiosk") for c in job.changes)
             demo_engine.cancel(job)
-        finally:
-            hold.set()
         post.join(15)
         assert answer["r"].status_code == 503 and answer["r"].json()["error"] == "cancelled"
-        wait_until(lambda: demo_engine.worker.running is None and demo_engine.worker.depth == 0, timeout=10)
+        wait_until(lambda: seam.running is None and seam.depth == 0, timeout=10)

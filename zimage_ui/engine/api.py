@@ -10,13 +10,16 @@ nothing else: no ``engine.worker``, ``engine.model``, ``engine.runners``.
     True
 
 The benchmark programme needs more (the pipeline, the estimator, unloading on demand): ``BenchAPI`` names that
-extension, so what only a benchmark may touch is written down in one place.
+extension, so what only a benchmark may touch is written down in one place. Tests that must reach inside (inject a
+fault, hold the queue, fake the device's memory) go through ``Engine.test_seam()`` (``engine/seam.py``), the one
+documented way in; ``tests/test_face.py`` checks that the doors use nothing outside these protocols.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -28,6 +31,10 @@ if TYPE_CHECKING:  # the types only; importing this module loads no torch
     from ..presets import PresetBook
     from ..validation import GenerationRequest, RunRequest, Validated
     from .jobs import EngineError, Job, JobResult, JobStatus
+    from .warmup import WarmupStep
+
+
+LOCAL_REPLICA = "local"  # the name of the one in-process engine among "replicas" (X-Zimage-Replica, /api/v1/vram)
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class EngineAPI(Protocol):
     def queue_info(self) -> QueueInfo: ...
 
     # --- memory -----------------------------------------------------------------------------------------------
-    def memory_snapshot(self) -> MemorySnapshot: ...
+    def memory_snapshot(self) -> MemorySnapshot: ...  # raises NotReady before the model is loaded
 
     def gpu_stats(self) -> GpuStats | None: ...
 
@@ -89,8 +96,21 @@ class EngineAPI(Protocol):
 
     def admit(self, request: RunRequest) -> Admission: ...
 
+    def replicas(self) -> list[dict[str, Any]]: ...
+    # Every engine behind this face, one dict each (/api/v1/vram's ``replicas``, the per-replica metrics, the page's
+    # bars): replica, host, gpu, device, state, ready, queue ({depth, running}) and snapshot (a
+    # ``MemorySnapshot.to_dict()``, None while loading); Ray Serve adds pid, unloaded, available_bytes, served.
+    # The in-process engine lists one, named ``LOCAL_REPLICA``.
+
+    def target_replica(self, need_bytes: int = 0) -> str | None: ...
+    # The replica that would take a request needing ``need_bytes`` now (the page marks its bar); None if none.
+
     # --- what it is -------------------------------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]: ...
+    # id, label, is_demo, trained_demo (the demo model that draws the shapes world), banner, device, dtype,
+    # base_model, load/warm-up/ready seconds, stages, placement, plan, acceleration, estimator, allocator, budget
+    # (a dict, or None), cache releases, oom_events, oom_recovered, idle unload counters, prompt_cache, state, reason.
+    # Plain JSON values: /api/v1/info shows it as is, metrics and the page read it.
 
     # --- hooks (history, metrics) -----------------------------------------------------------------------------
     def add_result_hook(self, hook: Callable[[Job, JobResult], None]) -> None: ...
@@ -102,17 +122,46 @@ class EngineAPI(Protocol):
 
 @runtime_checkable
 class BenchAPI(EngineAPI, Protocol):
-    """The benchmark's extension of the face (``zimage-ui bench``): only ``bench.py`` and ``bench_memory.py`` use it."""
+    """The benchmark's extension of the face (``zimage-ui bench``): only ``bench.py`` and ``bench_memory.py`` use it.
+
+    The bench measures the pipeline directly and the engine's memory machinery from inside, so it may read these
+    (documented, public) parts of the in-process engine; a door may not."""
 
     @property
-    def settings(self) -> Any: ...
+    def settings(self) -> Any: ...  # settings.Settings (the bench turns save_images / keep_cache off for a sweep)
 
     @property
     def model(self) -> Any: ...  # models.loading.LoadedModel: the pipeline a direct call measures
 
     @property
-    def estimator(self) -> Any: ...
+    def estimator(self) -> Any: ...  # memory.estimator.WorkingMemoryEstimator
 
-    def unload(self) -> None: ...
+    @property
+    def estimator_path(self) -> Any: ...  # pathlib.Path of the saved calibration (CUDA), or None
+
+    @property
+    def placement(self) -> Any: ...  # engine.placement.AppliedPlacement, None before start
+
+    @property
+    def allocator(self) -> Any: ...  # memory.allocator.AllocatorControl, None before start
+
+    @property
+    def warmup_runs(self) -> list[dict[str, Any]]: ...  # what warm-up ran: shape, purpose, peak, seconds
+
+    @property
+    def prompt_cache(self) -> Any: ...  # engine.runner.PromptCache (cleared so that every prompt is new)
+
+    @property
+    def runners(self) -> dict[str, Any]: ...  # engine.runner.PipelineRunner by weights ("turbo", "base"): decodes
+
+    def warmup_plan(self) -> list[WarmupStep]: ...  # what warm-up runs (engine/warmup.py), once loaded
+
+    def weights_bytes(self) -> int: ...
+
+    def available_working_bytes(self) -> int: ...
+
+    def on_worker(self, fn: Callable[[], Any]) -> Future[Any]: ...  # run ``fn`` on the worker thread, in queue order
+
+    def unload(self) -> None: ...  # on the worker thread only: ``engine.on_worker(engine.unload).result()``
 
     def release_cache(self, why: str) -> int: ...

@@ -18,23 +18,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..messages import Message, Word
 from ..metadata import save_png
 from ..presets import PresetBook, load_presets
 from ..settings import Settings
 from ..validation import GenerationRequest, RunRequest, Validated, validate
-from .api import QueueInfo
+from .api import LOCAL_REPLICA, QueueInfo
+from .boot import Runtime, boot
 from .eta import StepTimer
 from .jobs import EngineError, Job, JobFailed, JobResult, JobStatus, MemoryRefused, NotReady
 from .runner import PipelineRunner, PromptCache
+from .warmup import WarmupStep, steps_to_run, warmup_plan
 from .worker import SerialWorker
+
+if TYPE_CHECKING:
+    from ..memory.admission import Admission
+    from ..memory.nvml import GpuStats
+    from ..memory.probe import MemorySnapshot
+    from .seam import TestSeam
 
 log = logging.getLogger(__name__)
 
-DEMO_DEFAULT_SIDE = 256  # the demo model's default size: what it is trained for (models/demo.py, TRAINED_SIDE)
+
+def _runtime_view(name: str, before: Any, doc: str) -> property:
+    """A read-only attribute of the engine that is its ``runtime``'s ``name`` (``before`` until start-up)."""
+    return property(lambda self: getattr(self.runtime, name) if self.runtime is not None else before, doc=doc)
 
 
 class EngineState(enum.StrEnum):
@@ -67,25 +79,17 @@ class Engine:
         self._release_lock = threading.Lock()
         self._file_book = book
         self._loader = loader
-        self.book: PresetBook | None = None
+        self.runtime: Runtime | None = None  # what start-up built (engine/boot.py); model, placement... read it
         self.state = EngineState.NEW
         self.reason = "not started"
-        self.model: Any = None  # models.loading.LoadedModel
-        self.base_model: Any = None
-        self.banner: str | None = None
         self.timer = StepTimer()
         self.prompt_cache = PromptCache(settings.prompt_cache_size)
         self.runners: dict[str, PipelineRunner] = {}
         self.worker: SerialWorker | None = None
         self.probe: Any = None  # memory.probe.MemoryProbe
         self.estimator: Any = None  # memory.estimator.WorkingMemoryEstimator
-        self.load_seconds = 0.0
         self.warmup_seconds = 0.0
         self.ready_seconds = 0.0  # start() to ready
-        self.stage_seconds: dict[str, float] = {}
-        self.plan: Any = None  # memory.planner.PlanResult when the planner chose the placement
-        self.placement: Any = None  # engine.placement.AppliedPlacement
-        self.acceleration: Any = None  # engine.acceleration.AccelerationReport
         self.warmup_runs: list[dict[str, Any]] = []
         self.estimator_path: Path | None = None
         # idle unload (settings.idle_unload_minutes); only the worker thread changes these
@@ -100,6 +104,17 @@ class Engine:
         self._reject_hooks: list[Callable[[EngineError], None]] = []
         self._lock = threading.Lock()
 
+    # --- what start-up built: views of engine/boot.py's Runtime (None, 0 or {} before start) ------------------
+    model = _runtime_view("model", None, "``models.loading.LoadedModel``: the pipeline, its device and dtype")
+    base_model = _runtime_view("base_model", None, "the ``--base-model`` weights' ``LoadedModel``, if any")
+    book = _runtime_view("book", None, "the presets in force once loaded (``presets()`` answers before too)")
+    placement = _runtime_view("placement", None, "``engine.placement.AppliedPlacement``")
+    acceleration = _runtime_view("acceleration", None, "``engine.acceleration.AccelerationReport``")
+    banner = _runtime_view("banner", None, "what the model source wants users told")
+    plan = _runtime_view("plan", None, "``memory.planner.PlanResult`` when the planner chose the placement")
+    load_seconds = _runtime_view("load_seconds", 0.0, "seconds loading the weights took")
+    stage_seconds = _runtime_view("stage_seconds", {}, "start-up's stages in seconds (load_s ... ready_s)")
+
     # --- start-up -----------------------------------------------------------------------------------------
     def start(self) -> None:
         """Load the model(s), place them on the device, accelerate, warm up, start the worker.
@@ -107,10 +122,7 @@ class Engine:
         Raises on failure (state FAILED, reason set).
         """
         from ..memory import allocator as alloc
-        from ..models.loading import load_model, pick_device, pick_dtype
-        from ..models.sources import resolve_model
-        from . import placement as placing
-        from .acceleration import accelerate
+        from ..models.loading import pick_device
 
         try:
             t_start = time.perf_counter()
@@ -120,59 +132,13 @@ class Engine:
             device = pick_device(self.settings.device)
             self.allocator = self._allocator_override or alloc.make_allocator(device)
             self._apply_budget(alloc.START_HEADROOM_BYTES, init=True)  # capped before a single weight is loaded
-            t0 = time.perf_counter()
-            if self._loader is not None:
-                name = self._choose_placement(device, book, demo=False)
-                if name != "resident" and self.budget is not None:
-                    # the benchmark's synthetic model is built on the device, whatever the placement: lift the
-                    # cap while it is built, then (below) place it and cap again. Real weights load to CPU RAM.
-                    self.allocator.set_cap(None)
-                self.model = self._loader(self.settings, device)
-            else:
-                resolution = resolve_model(self.settings.model, model_dir=self.settings.model_dir)
-                self.banner = resolution.banner
-                name = self._choose_placement(device, book, demo=resolution.source.is_demo)
-                # A placement that keeps weights off the GPU loads to CPU RAM first, so loading never needs the
-                # whole model's VRAM.
-                load_device: Any = device if name == "resident" else "cpu"
-                dtype = self.settings.dtype if name == "resident" else pick_dtype(device, self.settings.dtype)
-                self.model = load_model(resolution.source, device=load_device, dtype=dtype)
-            if self.settings.base_model:
-                base = resolve_model(self.settings.base_model, model_dir=None).source
-                self.base_model = load_model(base, device=self.model.device, dtype=self.model.dtype,
-                                             share_from=self.model)
-            self.load_seconds = time.perf_counter() - t0
-            self.stage_seconds = {"load_s": self.model.load_seconds, "to_device_s": self.model.to_device_seconds}
 
-            t0 = time.perf_counter()
-            self.placement = placing.apply_placement(self.model.pipe, name, device)
-            if self.base_model is not None:
-                placing.apply_placement(self.base_model.pipe, name, device, components=("transformer",))
-            for loaded in (self.model, self.base_model):
-                if loaded is not None:
-                    loaded.device = device
-            if self.budget is not None:
-                if self._loader is not None and name != "resident":
-                    self.allocator.release()
-                    self._apply_budget(alloc.START_HEADROOM_BYTES)
-                self.placement.budget_bytes = self.budget.budget_bytes
-                self.placement.budget_fraction = self.budget.fraction
-            self.stage_seconds["placement_s"] = time.perf_counter() - t0
+            def rebudget() -> Any:
+                self._apply_budget(alloc.START_HEADROOM_BYTES)
+                return self.budget
 
-            t0 = time.perf_counter()
-            preset = book.presets[book.default]
-            common = dict(compile=self.settings.compile, fp8=self.settings.fp8, cache_dir=self._cache_dir(),
-                          compile_allowed=self.placement.compile_allowed)
-            self.acceleration = accelerate(self.model.pipe, device, attention=self.settings.attention,
-                                           compile_vae=self.settings.compile_vae, width=preset.width,
-                                           height=preset.height, **common,
-                                           vae_sizes={(p.width, p.height) for p in book.presets.values()})
-            if self.base_model is not None:
-                accelerate(self.base_model.pipe, device, choice=self.acceleration.attention, compile_vae=False,
-                           **common)
-            self.stage_seconds["accelerate_s"] = time.perf_counter() - t0
-
-            self.book = self._book_for_model(book)
+            self.runtime = boot(self.settings, book, device, cache_dir=self._cache_dir(), loader=self._loader,
+                                allocator=self.allocator, budget=self.budget, rebudget=rebudget)
             self._build_probe()
             for key, loaded in (("turbo", self.model), ("base", self.base_model)):
                 if loaded is not None:
@@ -248,35 +214,6 @@ class Engine:
             log.info("gave %.2f GiB of allocator cache back (%s) in %.0f ms", released / 2**30, why, seconds * 1e3)
         return released
 
-    def _choose_placement(self, device: Any, book: PresetBook, *, demo: bool) -> str:
-        """The placement setting, or (``auto``) the planner's choice for this device and VRAM budget."""
-        from .placement import normalize_placement
-
-        setting = normalize_placement(self.settings.placement)
-        if device.type != "cuda" or demo:
-            return "resident"  # CPU RAM, or the tiny demo model: nothing to plan
-        if setting != "auto":
-            return setting
-        import torch
-
-        from ..memory.estimator import WorkShape
-        from ..memory.planner import CUDA_CONTEXT_BYTES, plan_for_device
-
-        budget = self._budget_bytes()
-        if budget is None:  # the whole card: what other processes (an LLM server) already hold counts against us
-            free, total = torch.cuda.mem_get_info(device)
-            overhead = max(int(total - free), CUDA_CONTEXT_BYTES)
-        else:  # the budget holds our CUDA context too (measured before loading) and its growth
-            overhead = (self.budget.outside_bytes + self.budget.headroom_bytes if self.budget is not None
-                        else CUDA_CONTEXT_BYTES)
-        preset = book.presets[book.default]
-        self.plan = plan_for_device(device, budget_bytes=budget, overhead_bytes=overhead,
-                                    shape=WorkShape(preset.width, preset.height),
-                                    margin_bytes=self.settings.memory_margin_bytes)
-        for line in self.plan.lines():
-            log.info("plan: %s", line)
-        return self.plan.chosen.name
-
     def start_in_background(self) -> threading.Thread:
         """Start on a thread (the server answers /readyz 503 meanwhile). Failures end in state FAILED."""
 
@@ -289,14 +226,6 @@ class Engine:
         thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
         thread.start()
         return thread
-
-    def _book_for_model(self, book: PresetBook) -> PresetBook:
-        if not self.model.is_demo:
-            return book
-        side = DEMO_DEFAULT_SIDE
-        presets = {n: dataclasses.replace(p, width=min(p.width, side), height=min(p.height, side))
-                   for n, p in book.presets.items()}
-        return dataclasses.replace(book, presets=presets)
 
     def _build_probe(self) -> None:
         from ..memory.estimator import WorkingMemoryEstimator
@@ -321,53 +250,12 @@ class Engine:
         if self.probe is not None:
             self.probe.sample()
 
-    # Long enough (> 32 tokens after the chat template) that prompt and negative prompt pad to different lengths, so
-    # the CFG warm-up run takes the transformer's masked attention path.
-    _WARMUP_LONG_PROMPT = " ".join(["a bright red circle beside a small blue square on a white field"] * 4)
-
-    def _warmup_requests(self) -> list[tuple[RunRequest, str]]:
-        """What warm-up runs, each with why: ``kernels`` (always), ``graph`` (a compiled graph of its own) or
-        ``calibration`` (a peak for the memory estimator only).
-
-        CUDA: the default size; one short run per size class the presets offer (1:1); the smallest and largest
-        class at batch 2 and at the largest batch (the corners of what users can ask for, so the estimator
-        interpolates instead of extrapolating); the default size with CFG (masked attention); then one full
-        default-preset run. CPU (the demo model): two small runs, well under 2 s."""
-        preset = self.book.presets[self.book.default]
-        low, high = self.book.limits.side
-
-        def req(width: int, height: int, batch: int = 1, guidance: float = 0.0, steps: int = 1,
-                prompt: str = "warm up", negative: str = "") -> RunRequest:
-            return RunRequest(prompt=prompt, negative_prompt=negative, preset=preset.name, steps=steps,
-                              guidance=guidance, width=width, height=height, seed=0, batch=batch)
-
-        default = (preset.width, preset.height)
-        if self.model.device.type != "cuda":
-            half = (max(low, preset.width // 2 // 16 * 16), max(low, preset.height // 2 // 16 * 16))
-            return [(req(w, h, steps=min(2, preset.steps)), "kernels") for w, h in dict.fromkeys([default, half])]
-        from ..sizes import load_sizes
-
-        table = load_sizes()
-        sides = set()
-        for name in table.classes(demo=self.model.is_demo, max_side=high):
-            w, h = table.sizes[name].get("1:1", next(iter(table.sizes[name].values())))
-            if low <= min(w, h) and max(w, h) <= high:
-                sides.add((w, h))
-        ordered = sorted(sides | {default})
-        small, large = ordered[0], ordered[-1]
-        top = self.book.limits.batch[1]
-        plan = [(req(*default), "kernels")]
-        plan += [(req(w, h), "calibration") for w, h in ordered if (w, h) != default]
-        plan += [(req(*small, batch=2), "graph"), (req(*small, batch=top), "calibration"),
-                 (req(*large, batch=2), "calibration"), (req(*large, batch=top), "calibration"),
-                 (req(*default, guidance=1.0, prompt=self._WARMUP_LONG_PROMPT), "graph")]
-        # last, exactly what most first requests are: the default preset at full steps
-        plan.append((req(*default, steps=preset.steps, guidance=preset.guidance, prompt=self._WARMUP_LONG_PROMPT),
-                     "kernels"))
-        return plan
+    def warmup_plan(self) -> list[WarmupStep]:
+        """What warm-up runs for this model, these presets and this device (``engine.warmup.warmup_plan``)."""
+        return warmup_plan(self.book, device_type=self.model.device.type, is_demo=self.model.is_demo)
 
     def _warm_up(self) -> None:
-        """Run :meth:`_warmup_requests` before ready: kernels load (and compile), the step timer learns this
+        """Run :meth:`warmup_plan` before ready: kernels load (and compile), the step timer learns this
         machine's speed, and the memory estimator is fitted to the measured peaks and saved. A calibration saved
         by an earlier start (same GPU, model, placement, dtype, torch) is loaded instead, and the runs that only
         served calibration are skipped."""
@@ -387,9 +275,7 @@ class Engine:
         compiled = bool(self.acceleration and self.acceleration.compiled)
         samples = []
         self.warmup_runs = []
-        for request, purpose in self._warmup_requests():
-            if (purpose == "calibration" and loaded) or (purpose == "graph" and loaded and not compiled):
-                continue
+        for request, purpose in steps_to_run(self.warmup_plan(), calibration_loaded=loaded, compiled=compiled):
             shape = WorkShape(request.width, request.height, request.batch, request.cfg)
             admission = self.admit(request) if cuda else None
             if admission is not None and admission.state == "over":
@@ -545,11 +431,15 @@ class Engine:
         return hook(request) if hook else []
 
     # --- memory ---------------------------------------------------------------------------------------------
-    def memory_snapshot(self) -> Any:
-        """The probe's reading now (cheap, no synchronize): what the VRAM bar and /api/v1/vram show."""
-        return self.probe.snapshot()
+    def memory_snapshot(self) -> MemorySnapshot:
+        """The probe's reading now (cheap, no synchronize): what the VRAM bar and /api/v1/vram show.
+        Raises NotReady before the model is loaded (nothing to read yet)."""
+        probe = self.probe
+        if probe is None:
+            raise NotReady(f"no memory reading yet: {self.reason}")
+        return probe.snapshot()
 
-    def gpu_stats(self) -> Any:
+    def gpu_stats(self) -> GpuStats | None:
         """NVML's reading of the engine's GPU (``memory.nvml.GpuStats``: utilisation, memory, temperature, power),
         or None without a GPU or NVML. The GPU the model is on; GPU 0 before a model is loaded or when it runs
         on the CPU. The doors ask here; only the engine and memory talk to NVML."""
@@ -564,7 +454,7 @@ class Engine:
 
         return self.estimator.predict(WorkShape(request.width, request.height, request.batch, request.cfg))
 
-    def admit(self, request: RunRequest) -> Any:
+    def admit(self, request: RunRequest) -> Admission:
         """Would ``request`` fit now? An ``Admission`` (``memory.admission``) with state ok / tight / over, the
         figures and, when over, the largest size that fits at the same aspect ratio."""
         from ..memory.admission import admit_request
@@ -573,6 +463,24 @@ class Engine:
         shape = WorkShape(request.width, request.height, request.batch, request.cfg)
         return admit_request(self.estimator, self._admission_snapshot(), shape, self.settings.memory_margin_bytes,
                              min_side=self.presets().limits.side[0])
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """This engine as the one replica there is (``EngineAPI.replicas``): ``local``, its device and memory."""
+        import socket
+
+        try:
+            snapshot = self.memory_snapshot().to_dict()
+        except NotReady:
+            snapshot = None
+        device = self.model_info().get("device")
+        queue = self.queue_info()
+        return [{"replica": LOCAL_REPLICA, "host": socket.gethostname(), "gpu": device, "device": device,
+                 "state": self.state.value, "ready": bool(self.ready),
+                 "queue": {"depth": queue.depth, "running": queue.running_job is not None}, "snapshot": snapshot}]
+
+    def target_replica(self, need_bytes: int = 0) -> str | None:
+        """``local``: there is one engine (``EngineAPI.target_replica``)."""
+        return LOCAL_REPLICA
 
     def _admission_snapshot(self) -> Any:
         """The snapshot admission judges against: unloaded weights count as if back, and a VRAM budget caps the
@@ -671,9 +579,16 @@ class Engine:
             log.exception("engine hook %r failed", hook)
 
     def model_info(self) -> dict[str, Any]:
+        """What the engine is and has done, as plain JSON values (``EngineAPI.model_info`` lists the keys)."""
         m = self.model
+        trained_demo = False
+        if m is not None and m.is_demo:
+            from ..models.demo import is_trained  # torch is loaded already: the model is
+
+            trained_demo = is_trained(m.pipe)
         return {
             "id": m.model_id if m else None, "label": m.label if m else None, "is_demo": bool(m and m.is_demo),
+            "trained_demo": trained_demo,
             "banner": self.banner, "device": str(m.device) if m else None,
             "dtype": str(m.dtype).replace("torch.", "") if m else None,
             "base_model": self.base_model.model_id if self.base_model is not None else None,
@@ -689,6 +604,7 @@ class Engine:
             "cache_released_bytes": self.released_bytes, "last_cache_release": self.last_release,
             "budget": self.budget.to_dict() if self.budget is not None else None,
             "oom_events": dict(self.oom_events),
+            "oom_recovered": sum(r.ooms_recovered for r in self.runners.values()),
             "idle_unload_minutes": self.settings.idle_unload_minutes, "unloaded": self.unloaded,
             "unloads": self.unloads, "reloads": self.reloads,
             "last_reload_seconds": None if self.last_reload_seconds is None else round(self.last_reload_seconds, 3),
@@ -696,6 +612,18 @@ class Engine:
                              "misses": self.prompt_cache.misses},
             "state": self.state.value, "reason": self.reason,
         }
+
+    def on_worker(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn()`` on the worker thread before the next queued job; a Future of its result (``BenchAPI``)."""
+        if self.worker is None:
+            raise NotReady(f"not started: {self.reason}")
+        return self.worker.call(fn)
+
+    def test_seam(self) -> TestSeam:
+        """The documented way for tests to reach inside (faults, the queue, fake memory): ``engine/seam.py``."""
+        from .seam import TestSeam
+
+        return TestSeam(self)
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let the running job finish within ``grace_s`` (else cancel it), stop the worker."""

@@ -86,6 +86,31 @@ class JobFailed(EngineError):
         super().__init__(message)
 
 
+# What each refusal or failure is, as one word every door maps from: the HTTP table (service/errors.py), the
+# metrics' reason label, the page's message. One definition instead of an isinstance chain in each door.
+ERROR_KINDS = ("queue_full", "client_busy", "not_ready", "memory", "cancelled", "oom", "failed")
+REJECTION_KINDS = ("queue_full", "client_busy", "not_ready", "memory")  # refused by submit, before queueing
+_KIND_OF: tuple[tuple[type[EngineError], str], ...] = (
+    (QueueFull, "queue_full"), (ClientBusy, "client_busy"), (NotReady, "not_ready"), (MemoryRefused, "memory"),
+    (JobCancelled, "cancelled"))
+
+
+def error_kind(exc: BaseException | None) -> str:
+    """The kind of an engine error: one of ``ERROR_KINDS``, or ``other`` for anything else.
+
+    >>> error_kind(QueueFull(3, retry_after_s=10)), error_kind(JobFailed("CUDA out of memory", kind="oom"))
+    ('queue_full', 'oom')
+    >>> error_kind(ValueError("not ours"))
+    'other'
+    """
+    if isinstance(exc, JobFailed):
+        return "oom" if exc.kind == "oom" else "failed"
+    for cls, kind in _KIND_OF:
+        if isinstance(exc, cls):
+            return kind
+    return "other"
+
+
 @dataclass
 class JobResult:
     """What a finished job made: images (PIL), one seed per image, timings and memory."""

@@ -11,13 +11,12 @@ web UI and the REST routes do not know the difference.
   ``QueueFull``, as with one engine: the door answers 503 + Retry-After.
 * **Faults**: a job whose replica dies ends FAILED with a message naming the replica (never a hang); Ray replaces
   the replica; a job that waited in the queue is routed to a live one.
-* **Memory**: ``replica_snapshots()`` lists every replica's snapshot (device, host, GPU, segments);
+* **Memory**: ``replicas()`` lists every replica's snapshot (device, host, GPU, segments);
   ``memory_snapshot()`` is the one that would take the next request (the single-engine shape).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -68,28 +67,6 @@ class RemoteJob(Job):
         self.refused: BaseException | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplicaModel:
-    """What ``engine.model`` says for doors that still read it (issue 10 moves them to ``model_info``)."""
-
-    model_id: str | None
-    label: str | None
-    is_demo: bool
-    device: str | None
-    dtype: str | None
-    pipe: Any = None
-
-
-class _Probe:
-    """Stands for ``engine.probe`` for doors that still test it before asking for a snapshot."""
-
-    def __init__(self, engine: RemoteEngine):
-        self.engine = engine
-
-    def snapshot(self) -> Any:
-        return self.engine.memory_snapshot()
-
-
 class RemoteEngine:
     """``EngineAPI`` over a Ray Serve application of ``ZImageReplica``s."""
 
@@ -138,7 +115,7 @@ class RemoteEngine:
         """Block until ``replicas`` replicas are ready (tests, start-up logs); False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sum(1 for r in self.replicas() if r.get("ready")) >= replicas:
+            if sum(1 for r in self._posts() if r.get("ready")) >= replicas:
                 return True
             time.sleep(0.1)
         return False
@@ -149,7 +126,7 @@ class RemoteEngine:
             return RemoteState("stopped")
         if not self._started:
             return RemoteState("new")
-        states = [r.get("state") for r in self.replicas()]
+        states = [r.get("state") for r in self._posts()]
         if "ready" in states:
             return RemoteState("ready")
         if states and all(s == "failed" for s in states):
@@ -160,7 +137,7 @@ class RemoteEngine:
 
     @property
     def reason(self) -> str:
-        replicas = self.replicas()
+        replicas = self._posts()
         if self._stopped.is_set():
             return "stopped"
         if not replicas:
@@ -172,7 +149,7 @@ class RemoteEngine:
 
     @property
     def ready(self) -> bool:
-        return not self._stopped.is_set() and any(r.get("ready") for r in self.replicas())
+        return not self._stopped.is_set() and any(r.get("ready") for r in self._posts())
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Drain: refuse new jobs, cancel those still waiting for a replica, let the running ones finish within
@@ -197,7 +174,7 @@ class RemoteEngine:
                 log.exception("stopping the Ray Serve application failed")
 
     # --- replicas ---------------------------------------------------------------------------------------------
-    def replicas(self) -> list[dict[str, Any]]:
+    def _posts(self) -> list[dict[str, Any]]:
         """The replicas heard from recently (the board's posts), oldest first."""
         if self._started and time.monotonic() - self._replicas_at > 4 * self._poll_s:
             self._refresh()  # the poller is late (a busy machine): read now
@@ -232,18 +209,20 @@ class RemoteEngine:
             elif now - job.seen_replica_at > LOST_S:
                 self._lose(job, f"replica {job.replica} went silent")
 
-    def replica_snapshots(self) -> list[dict[str, Any]]:
-        """Every replica's memory: ``replica``, ``host``, ``gpu``, ``state``, ``ready``, ``queue`` and ``snapshot``
-        (a ``MemorySnapshot.to_dict()``, None while loading) — what /api/v1/vram lists and the page draws."""
+    def replicas(self) -> list[dict[str, Any]]:
+        """Every replica (``EngineAPI.replicas``): ``replica``, ``host``, ``gpu``, ``state``, ``ready``, ``queue``
+        and ``snapshot`` (a ``MemorySnapshot.to_dict()``, None while loading) — what /api/v1/vram lists, the
+        metrics label and the page draws; also ``pid`` and ``actor_name`` (Ray's), ``available_bytes``, ``served``."""
         return [{"replica": r["replica"], "host": r.get("host"), "gpu": r.get("gpu"), "pid": r.get("pid"),
+                 "actor_name": r.get("actor_name"),
                  "state": r.get("state"), "ready": bool(r.get("ready")), "unloaded": bool(r.get("unloaded")),
                  "queue": r.get("queue"), "device": (r.get("model") or {}).get("device"),
                  "available_bytes": r.get("available_bytes"), "snapshot": r.get("snapshot"),
-                 "served": self.served.get(r["replica"], 0)} for r in self.replicas()]
+                 "served": self.served.get(r["replica"], 0)} for r in self._posts()]
 
     def _target(self, need_bytes: int = 0) -> dict[str, Any] | None:
         """The replica the router would pick now (ready, fits, most working memory free), for the bar."""
-        ready = [r for r in self.replicas() if r.get("ready")]
+        ready = [r for r in self._posts() if r.get("ready")]
         fits = [r for r in ready if (r.get("available_bytes") or 0) >= need_bytes] or ready
         return max(fits, key=lambda r: r.get("available_bytes") or 0) if fits else None
 
@@ -277,7 +256,7 @@ class RemoteEngine:
                     if mine >= self.settings.jobs_per_client:
                         raise ClientBusy(owner, self.settings.jobs_per_client)
                 # what the replicas hold (MAX_ONGOING each), plus max_queue waiting for one of them
-                held = MAX_ONGOING * sum(1 for r in self.replicas() if r.get("ready"))
+                held = MAX_ONGOING * sum(1 for r in self._posts() if r.get("ready"))
                 if len(self._jobs) >= held + self.settings.max_queue:
                     depth = len(self._jobs) - held
                     raise QueueFull(depth, retry_after_s=self._retry_after(depth))
@@ -299,7 +278,7 @@ class RemoteEngine:
             raise
 
     def _retry_after(self, waiting: int) -> float:
-        ready = max(1, sum(1 for r in self.replicas() if r.get("ready")))
+        ready = max(1, sum(1 for r in self._posts() if r.get("ready")))
         return max(2.0, 3.0 * waiting / ready)
 
     def _need(self, request: RunRequest) -> int:
@@ -460,7 +439,7 @@ class RemoteEngine:
     # --- memory -----------------------------------------------------------------------------------------------
     def memory_snapshot(self) -> Any:
         """The snapshot of the replica that would take the next request (the single-engine shape)."""
-        target = self._target() or next((r for r in self.replicas() if r.get("snapshot")), None)
+        target = self._target() or next((r for r in self._posts() if r.get("snapshot")), None)
         if target is None or target.get("snapshot") is None:
             raise NotReady("no replica has a memory reading yet")
         return _snapshot_of(target)
@@ -498,7 +477,8 @@ class RemoteEngine:
 
     def admit(self, request: RunRequest) -> Any:
         """Admission as the replica the router would pick judges it (its snapshot and estimator)."""
-        from ..memory.estimator import WorkShape, admit_shape
+        from ..memory.admission import admit_shape
+        from ..memory.estimator import WorkShape
 
         shape = WorkShape(request.width, request.height, request.batch, request.cfg)
         target = self._target()
@@ -511,7 +491,7 @@ class RemoteEngine:
 
     # --- what it is -------------------------------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
-        replicas = self.replicas()
+        replicas = self._posts()
         first = next((r for r in replicas if r.get("ready")), replicas[0] if replicas else None)
         info = dict(first.get("model") or {}) if first is not None else {
             "id": None, "label": None, "is_demo": False, "device": None, "dtype": None}
@@ -521,21 +501,6 @@ class RemoteEngine:
             info["device"] = f"{len(replicas)} replicas ({info.get('device')})"
         info["state"], info["reason"] = self.state.value, self.reason
         return info
-
-    @property
-    def model(self) -> ReplicaModel | None:
-        """For doors that still read ``engine.model`` (issue 10 moves them to ``model_info``)."""
-        replicas = self.replicas()
-        first = next((r for r in replicas if r.get("ready")), None)
-        if first is None:
-            return None
-        m = first.get("model") or {}
-        return ReplicaModel(m.get("id"), m.get("label"), bool(m.get("is_demo")), m.get("device"), m.get("dtype"))
-
-    @property
-    def probe(self) -> _Probe | None:
-        """For doors that still test ``engine.probe`` before reading a snapshot."""
-        return _Probe(self) if any(r.get("snapshot") for r in self.replicas()) else None
 
     # --- hooks ------------------------------------------------------------------------------------------------
     def add_result_hook(self, hook: Callable[[Job, JobResult], None]) -> None:

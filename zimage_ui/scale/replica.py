@@ -166,11 +166,7 @@ class ZImageReplica:
                 log.debug("admission figures failed", exc_info=True)
         queue = engine.queue_info()
         model = engine.model_info()
-        loaded = getattr(engine, "model", None)
-        if loaded is not None:
-            from ..models.demo import is_trained
-
-            model["knows_shapes"] = bool(loaded.is_demo and is_trained(loaded.pipe))
+        model["knows_shapes"] = bool(model.get("trained_demo"))  # the door's page reads trained_demo itself
         return {"replica": self.replica, "actor_name": self.actor_name, "host": self.host, "pid": self.pid,
                 "gpu": self.gpu, "started_at": self.started_at, "threads": self.threads,
                 "state": engine.state.value, "reason": engine.reason, "ready": bool(engine.ready),

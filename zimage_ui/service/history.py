@@ -28,13 +28,16 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..engine.jobs import Job, JobResult, JobState
 from .metrics import job_outcome
+
+if TYPE_CHECKING:
+    from ..engine.api import EngineAPI
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +207,7 @@ class History:
         """Prometheus series of this history: degraded (0/1) and rows that could not be written."""
         return _HistoryCollector(self)
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: EngineAPI) -> None:
         """Record every job the engine finishes: successes before they are answered, the rest when they end."""
         engine.add_result_hook(self.record_result)
         engine.add_end_hook(self.record_end)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..engine.jobs import ClientBusy, EngineError, Job, JobFailed, JobState, MemoryRefused, NotReady, QueueFull
+from ..engine.api import LOCAL_REPLICA
+from ..engine.jobs import REJECTION_KINDS, EngineError, Job, JobState, NotReady, error_kind
+
+if TYPE_CHECKING:
+    from ..engine.api import EngineAPI
 
 log = logging.getLogger(__name__)
 
@@ -38,81 +42,71 @@ def job_outcome(job: Job) -> str:
         return "ok"
     if job.state == JobState.CANCELLED:
         return "cancelled"
-    if isinstance(job.error, JobFailed) and job.error.kind == "oom":
-        return "oom"
-    return "error"
+    return "oom" if error_kind(job.error) == "oom" else "error"
 
 
 def rejection_reason(error: EngineError) -> str:
-    """The ``reason`` label of a refused submission."""
-    if isinstance(error, QueueFull):
-        return "queue_full"
-    if isinstance(error, MemoryRefused):
-        return "memory"
-    if isinstance(error, ClientBusy):
-        return "client_busy"
-    if isinstance(error, NotReady):
-        return "not_ready"
-    return "other"
+    """The ``reason`` label of a refused submission: the error's kind (``engine.jobs.REJECTION_KINDS``) or other."""
+    kind = error_kind(error)
+    return kind if kind in REJECTION_KINDS else "other"
 
 
 class _EngineCollector(Collector):
-    """Values read from the engine at scrape time: nothing to keep in sync, nothing stale."""
+    """Values read from the engine at scrape time (its face: ``queue_info``, ``model_info``, ``memory_snapshot``):
+    nothing to keep in sync, nothing stale."""
 
-    def __init__(self, engine: Any, unhealthy: Callable[[], bool]):
+    def __init__(self, engine: EngineAPI | None, unhealthy: Callable[[], bool]):
         self.engine = engine
         self.unhealthy = unhealthy
 
     def collect(self) -> Iterator[Any]:
         engine = self.engine
-        worker = getattr(engine, "worker", None)
-        running = worker.running if worker is not None else None
+        queue = engine.queue_info() if engine is not None else None
+        info = engine.model_info() if engine is not None else {}
         yield GaugeMetricFamily("zimage_queue_depth", "Jobs waiting behind the running one.",
-                                value=worker.depth if worker is not None else 0)
+                                value=queue.depth if queue is not None else 0)
         yield GaugeMetricFamily("zimage_queue_running", "1 while a job is running.",
-                                value=int(running is not None and not running.done))
+                                value=int(queue is not None and queue.running_job is not None))
         ready = bool(engine is not None and engine.ready and not self.unhealthy())
         yield GaugeMetricFamily("zimage_ready", "1 when /readyz answers 200.", value=int(ready))
         yield GaugeMetricFamily("zimage_model_load_seconds", "Seconds the model took to load.",
-                                value=getattr(engine, "load_seconds", 0.0))
+                                value=info.get("load_seconds", 0.0))
         yield GaugeMetricFamily("zimage_warmup_seconds", "Seconds the warm-up took.",
-                                value=getattr(engine, "warmup_seconds", 0.0))
+                                value=info.get("warmup_seconds", 0.0))
         yield GaugeMetricFamily("zimage_model_unloaded", "1 while the weights are unloaded after idle "
                                 "(idle_unload_minutes); the next request reloads them.",
-                                value=int(bool(getattr(engine, "unloaded", False))))
+                                value=int(bool(info.get("unloaded", False))))
         yield CounterMetricFamily("zimage_model_reloads", "Reloads after an idle unload.",
-                                  value=getattr(engine, "reloads", 0))
-        reload_s = getattr(engine, "last_reload_seconds", None)
+                                  value=info.get("reloads", 0))
+        reload_s = info.get("last_reload_seconds")
         if reload_s is not None:
             yield GaugeMetricFamily("zimage_model_reload_seconds", "Seconds the last reload after an idle "
                                     "unload took.", value=reload_s)
-        runners = getattr(engine, "runners", {}) or {}
         yield CounterMetricFamily("zimage_oom_recovered", "Jobs that ran out of memory and still finished (a "
-                                  "retry, or a smaller VAE decode).",
-                                  value=sum(r.ooms_recovered for r in runners.values()))
-        oom_events = getattr(engine, "oom_events", None) or {}
+                                  "retry, or a smaller VAE decode).", value=info.get("oom_recovered", 0))
+        oom_events = info.get("oom_events") or {}
         family = CounterMetricFamily("zimage_oom", "Out-of-memory errors in admitted jobs, by phase; each one "
                                      "teaches the memory estimator that request's need.", labels=["phase"])
         for phase in ("denoise", "decode"):
             family.add_metric([phase], oom_events.get(phase, 0))
         yield family
         yield CounterMetricFamily("zimage_cache_releases", "Times the allocator's cache went back to the driver "
-                                  "(queue empty, after warm-up).", value=getattr(engine, "releases", 0))
+                                  "(queue empty, after warm-up).", value=info.get("cache_releases", 0))
         yield CounterMetricFamily("zimage_cache_released_bytes", "Bytes of allocator cache given back.",
-                                  value=getattr(engine, "released_bytes", 0))
-        budget = getattr(engine, "budget", None)
+                                  value=info.get("cache_released_bytes", 0))
+        budget = info.get("budget")
         if budget is not None:
             yield GaugeMetricFamily("zimage_vram_budget_bytes", "The VRAM budget for the whole process "
-                                    "(nvidia-smi's figure, CUDA context included).", value=budget.budget_bytes)
+                                    "(nvidia-smi's figure, CUDA context included).", value=budget["budget_bytes"])
             yield GaugeMetricFamily("zimage_allocator_cap_bytes", "The allocator's cap under the budget: budget "
                                     "less the memory outside the allocator and its headroom.",
-                                    value=budget.allocator_cap_bytes)
-        cache = getattr(engine, "prompt_cache", None)
+                                    value=budget["allocator_cap_bytes"])
+        cache = info.get("prompt_cache")
         if cache is not None:
             family = CounterMetricFamily("zimage_prompt_cache", "Prompt-embedding cache lookups.",
                                          labels=["result"])
-            family.add_metric(["hit"], cache.hits)
-            family.add_metric(["miss"], cache.misses)
+            family.add_metric(["hit"], cache["hits"])
+            family.add_metric(["miss"], cache["misses"])
             yield family
         vram = GaugeMetricFamily("zimage_vram_bytes", "Device memory by segment (the memory probe's snapshot).",
                                  labels=["segment"])
@@ -125,9 +119,9 @@ class _EngineCollector(Collector):
         if isinstance(snapshot.get("peak_working_bytes"), int):
             yield GaugeMetricFamily("zimage_vram_peak_working_bytes", "Peak working memory of the last job.",
                                     value=snapshot["peak_working_bytes"])
-        listing = getattr(engine, "replica_snapshots", None)
-        if listing is not None:
-            yield from replica_families(listing())
+        replicas = engine.replicas() if engine is not None else []
+        if any(r.get("replica") != LOCAL_REPLICA for r in replicas):  # per-replica series: Ray Serve's replicas
+            yield from replica_families(replicas)
 
 
 REPLICA_LABELS = ["replica", "host", "gpu"]
@@ -163,11 +157,13 @@ def replica_families(replicas: list[dict[str, Any]]) -> Iterator[Any]:
     yield from (ready, depth, served, vram)
 
 
-def _snapshot(engine: Any) -> dict[str, Any]:
-    if engine is None or getattr(engine, "probe", None) is None:
+def _snapshot(engine: EngineAPI | None) -> dict[str, Any]:
+    if engine is None:
         return {}
     try:
         return engine.memory_snapshot().to_dict()
+    except NotReady:  # nothing loaded yet
+        return {}
     except Exception:  # a scrape must never fail because the probe hiccupped
         log.debug("memory snapshot failed", exc_info=True)
         return {}
@@ -176,7 +172,7 @@ def _snapshot(engine: Any) -> dict[str, Any]:
 class ServiceMetrics:
     """The service's registry and the counters fed by the engine's hooks."""
 
-    def __init__(self, engine: Any, *, unhealthy: Callable[[], bool] = lambda: False):
+    def __init__(self, engine: EngineAPI | None, *, unhealthy: Callable[[], bool] = lambda: False):
         self.registry = CollectorRegistry()
         self.jobs = Counter("zimage_jobs", "Jobs by outcome.", ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:
@@ -190,7 +186,7 @@ class ServiceMetrics:
                                       buckets=STEP_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(engine, unhealthy))
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: EngineAPI) -> None:
         """Count every job the engine ends or refuses, whichever door sent it."""
         engine.add_end_hook(self.on_job_end)
         engine.add_reject_hook(self.on_reject)

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -35,6 +35,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..engine.jobs import Job, JobState
 from ..settings import Settings
 from .app import ServiceState, create_app
+
+if TYPE_CHECKING:
+    from ..engine.api import EngineAPI
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +208,13 @@ class Service:
     ``request_stop()``; ``serve()`` runs it on the main thread with signal handlers.
     """
 
-    def __init__(self, settings: Settings, *, engine: Any = None, engine_thread: threading.Thread | None = None,
-                 install_signal_handlers: bool = True, hard_exit: bool = True,
-                 app_kwargs: dict[str, Any] | None = None):
+    def __init__(self, settings: Settings, *, engine: EngineAPI | None = None,
+                 engine_thread: threading.Thread | None = None, install_signal_handlers: bool = True,
+                 hard_exit: bool = True, app_kwargs: dict[str, Any] | None = None):
         from ..engine.engine import Engine
 
         self.settings = settings
-        self.engine = engine if engine is not None else Engine(settings)
+        self.engine: EngineAPI = engine if engine is not None else Engine(settings)
         self.install_signal_handlers = install_signal_handlers
         self.hard_exit = hard_exit
         self.state = ServiceState()
@@ -304,10 +307,8 @@ class Service:
 
     def _fatal_exit(self) -> None:
         time.sleep(FATAL_LINGER_S)
-        worker = getattr(self.engine, "worker", None)
-        if worker is not None:
-            # give queued jobs an explicit end; don't wait on a GPU that may never answer again
-            threading.Thread(target=worker.stop, args=(0.0,), daemon=True).start()
+        # give queued jobs an explicit end; don't wait on a GPU that may never answer again
+        threading.Thread(target=self.engine.shutdown, args=(0.0,), daemon=True).start()
         self.server.config.timeout_graceful_shutdown = 3
         self.server.should_exit = True
         if self.hard_exit:
@@ -392,7 +393,7 @@ def serve(settings: Settings, *, sock: socket.socket | None = None, early: Any =
         if settings.replicas or settings.ray_address:  # scale-out: the engines are Ray Serve replicas
             from ..scale.local import remote_engine
 
-            engine: Any = remote_engine(settings)  # the replicas load while the web UI is being built
+            engine: EngineAPI = remote_engine(settings)  # the replicas load while the web UI is being built
             engine_thread = None
         else:
             from ..engine.engine import Engine

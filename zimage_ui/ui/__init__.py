@@ -12,15 +12,17 @@ if TYPE_CHECKING:  # gradio and fastapi load only when a page is built, never at
     import fastapi
     import gradio as gr
 
+    from ..engine.api import EngineAPI
 
-def build_ui(engine: Any, settings: Any, limits: Any = None) -> gr.Blocks:
+
+def build_ui(engine: EngineAPI, settings: Any, limits: Any = None) -> gr.Blocks:
     """The page's Blocks for ``engine`` (started or starting) and ``settings``."""
     from .page import build_page
 
     return build_page(engine, settings, limits)
 
 
-def mount_ui(app: fastapi.FastAPI, engine: Any, settings: Any, path: str = "/", limits: Any = None) -> None:
+def mount_ui(app: fastapi.FastAPI, engine: EngineAPI, settings: Any, path: str = "/", limits: Any = None) -> None:
     """Serve the page on ``app`` at ``path``. ``api_open=False``: /gradio_api/run/... can't bypass the queue.
 
     ``limits`` (a :class:`zimage_ui.limits.DoorLimits`): the service passes its own, so a client's starts and jobs

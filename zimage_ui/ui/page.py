@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -36,6 +36,9 @@ from ..validation import GenerationRequest, RequestError, RunRequest, Validated
 from .gpu import GpuHistory, render_gpu_panel
 from .i18n import LANGUAGES, format_bytes, format_seconds, pick_language, render, strings, t
 from .vram import render_vram_bar, render_vram_bars
+
+if TYPE_CHECKING:
+    from ..engine.api import EngineAPI
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class Widgets:
 class Page:
     """One page (Blocks) over one engine; every browser tab is a session of it."""
 
-    def __init__(self, engine: Any, settings: Any, limits: DoorLimits | None = None):
+    def __init__(self, engine: EngineAPI, settings: Any, limits: DoorLimits | None = None):
         self.engine = engine
         self.settings = settings
         # shared with the REST API when the service mounts the page: one client, one count, whichever door
@@ -124,16 +127,10 @@ class Page:
 
     def _knows_shapes(self) -> bool:
         """Whether the loaded model is the trained demo model (it draws the shapes world's prompts)."""
-        from ..models.demo import is_trained
-
-        told = self.engine.model_info().get("knows_shapes")  # replicas on Ray Serve say it (no pipeline here)
-        if told is not None:
-            return bool(told)
-        return self._is_demo() and is_trained(self.engine.model.pipe)
+        return bool(self.engine.model_info().get("trained_demo"))
 
     def _is_demo(self) -> bool:
-        model = getattr(self.engine, "model", None)
-        return bool(model is not None and model.is_demo)
+        return bool(self.engine.model_info().get("is_demo"))
 
     def _default_preset(self) -> Any:
         book = self.engine.presets()
@@ -170,8 +167,7 @@ class Page:
     # --- the bar, the notice, the button --------------------------------------------------------------------------
     def projection(self, request: RunRequest | None, lang: str) -> tuple[str, bool]:
         """(bar HTML, Generate enabled) for ``request`` against the memory now."""
-        listing = getattr(self.engine, "replica_snapshots", None)  # Ray Serve replicas: one bar each
-        replicas = listing() if listing is not None else []
+        replicas = self.engine.replicas()  # Ray Serve replicas: one bar each (one engine here: one bar)
         if len(replicas) > 1:
             return self._replica_bars(replicas, request, lang)
         if not self.engine.ready:
@@ -201,10 +197,10 @@ class Page:
         return html, admission.state != "over"
 
     def _snapshot(self) -> Any:
-        if getattr(self.engine, "probe", None) is None:
-            return None
         try:
             return self.engine.memory_snapshot()
+        except NotReady:  # nothing loaded yet: the bar says "not available"
+            return None
         except Exception:  # a failed reading must not break the page; the bar says "not available"
             log.exception("memory snapshot failed")
             return None
@@ -340,7 +336,7 @@ class Page:
 
     def title_html(self, lang: str) -> str:
         """Title, subtitle and the model line (model, device, dtype; or why it is not ready)."""
-        info = self.engine.model_info() if self.engine.model is not None else {}
+        info = self.engine.model_info()
         if self.engine.ready:
             model = t(lang, "model_line", model=info.get("label") or "", device=info.get("device") or "",
                       dtype=info.get("dtype") or "")
@@ -804,7 +800,7 @@ def notice_update(text: str) -> Any:
     return gr.update(value=text, visible=bool(text))
 
 
-def build_page(engine: Any, settings: Any, limits: DoorLimits | None = None) -> gr.Blocks:
+def build_page(engine: EngineAPI, settings: Any, limits: DoorLimits | None = None) -> gr.Blocks:
     """The page's Blocks, queue configured (``api_open=False``: no way around the queue). ``limits``: the
     service's, so that the page and the API count one client together (None: the page's own)."""
     demo = Page(engine, settings, limits).build()
@@ -812,7 +808,7 @@ def build_page(engine: Any, settings: Any, limits: DoorLimits | None = None) -> 
     return demo
 
 
-def mount_page(app: Any, engine: Any, settings: Any, path: str = "/", limits: DoorLimits | None = None) -> None:
+def mount_page(app: Any, engine: EngineAPI, settings: Any, path: str = "/", limits: DoorLimits | None = None) -> None:
     """Serve the page on a FastAPI app: our CSS, no links out of a kiosk, outputs readable by the gallery."""
     from ..users import gradio_auth
 

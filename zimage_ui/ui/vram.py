@@ -165,7 +165,7 @@ def _aria(view: BarView, lang: str) -> str:
 
 def render_vram_bars(replicas: list[dict[str, Any]], *, target: str | None, need_bytes: int | None = None,
                      admission: Any = None, largest: tuple[int, int, int] | None = None, lang: str = "en") -> str:
-    """One bar per replica (``RemoteEngine.replica_snapshots()``), in a ``.zb-multi`` block; compact (thin, no
+    """One bar per replica (``EngineAPI.replicas()``), in a ``.zb-multi`` block; compact (thin, no
     legend) when there are more than ``COMPACT_FROM``. The bar of ``target``, the replica that would take the
     request, is ``#vram-bar`` and carries the projection and the admission message.
 
