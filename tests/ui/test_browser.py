@@ -128,8 +128,10 @@ def test_language_follows_the_browser_and_switches(open_page):
     page = open_page(locale="zh-CN")
     page.wait_for_selector("#generate-btn:has-text('生成')", timeout=10_000)
     assert "模型权重" in page.inner_text(".zb-legend")
+    assert "演示模型" in page.inner_text("#zi-model") and "demo" not in page.inner_text("#zi-model")
     page.click("#zi-lang label:has-text('English')")
     page.wait_for_selector("#generate-btn:has-text('Generate')", timeout=10_000)
+    page.wait_for_selector("#zi-model:has-text('demo model')", timeout=10_000)
     page.wait_for_selector(".zb-legend:has-text('Model weights')", timeout=10_000)
 
 

@@ -338,8 +338,10 @@ class Page:
         """Title, subtitle and the model line (model, device, dtype; or why it is not ready)."""
         info = self.engine.model_info()
         if self.engine.ready:
-            model = t(lang, "model_line", model=info.get("label") or "", device=info.get("device") or "",
-                      dtype=info.get("dtype") or "")
+            label = info.get("label") or ""
+            if info.get("is_demo"):  # the demo model's name in the page's language (a real model's is a name)
+                label = t(lang, "model.demo_trained" if info.get("trained_demo") else "model.demo_untrained")
+            model = t(lang, "model_line", model=label, device=info.get("device") or "", dtype=info.get("dtype") or "")
         elif getattr(self.engine.state, "value", "") == "failed":
             model = t(lang, "model_failed", reason=self.engine.reason)
         else:
