@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CHROMIUM = "/usr/bin/chromium"
-LONG = {"prompt": "a red circle", "preset": "quality", "width": 512, "height": 512}  # ~8 s on one thread
+LONG = {"prompt": "a red circle", "preset": "quality", "width": 512, "height": 512}  # CFG: ~2-3 s on one thread
 SHORT = {"prompt": "a blue square", "width": 384, "height": 384}  # ~0.4 s on one quiet thread
 # the throughput rounds' job: long enough that the door's own work for a job (Ray's calls, the image's trip back)
 # is small beside it; at 512² (~0.4 s on one quiet thread) that share alone held the ratio near 1.5 on a quiet
@@ -104,9 +104,12 @@ def test_requests_spread_over_both_replicas_and_every_answer_names_its_replica(s
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
-    # 2 replicas x 2 ongoing requests + max_queue 2 waiting: of 10 long requests at once, some are refused
+    # 2 replicas x 2 ongoing requests + max_queue 2 waiting: of 10 long requests at once, some are refused. Each
+    # job must outlast the ten arrivals by far (1024², CFG, 12 steps: ~10 s on one thread), or the first ones end
+    # before the last arrive and the queue never fills (at 512² a job took ~1 s and CI once saw ten 200s)
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        answers = list(pool.map(lambda i: _post(server.url, {**LONG, "steps": 12, "seed": i}), range(10)))
+        answers = list(pool.map(lambda i: _post(server.url, {**LONG, "width": 1024, "height": 1024, "steps": 12,
+                                                             "seed": i}), range(10)))
     codes = sorted(a.status_code for a in answers)
     full = [a for a in answers if a.status_code == 503]
     assert full and set(codes) == {200, 503}, codes
