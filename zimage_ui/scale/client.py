@@ -111,15 +111,6 @@ class RemoteEngine:
         thread.start()
         return thread
 
-    def wait_ready(self, timeout: float = 300.0, replicas: int = 1) -> bool:
-        """Block until ``replicas`` replicas are ready (tests, start-up logs); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sum(1 for r in self._posts() if r.get("ready")) >= replicas:
-                return True
-            time.sleep(0.1)
-        return False
-
     @property
     def state(self) -> RemoteState:
         if self._stopped.is_set():
