@@ -92,3 +92,59 @@ def test_continuing_with_guidance_distillation_keeps_the_vae_and_trains_the_rest
             metas.append(json.loads(f.metadata()["vae"]))
     assert (metas[1]["shift_factor"], metas[1]["scaling_factor"]) == (metas[0]["shift_factor"],
                                                                        metas[0]["scaling_factor"])
+
+
+def test_the_euler_target_of_one_substep_is_the_prediction_and_of_many_the_odes_path():
+    from zimage_ui.models.demo_train import euler_target
+
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(3, 4, 2, 2, generator=g)
+    a, b = torch.tensor([1.0, 0.75, 0.3]), torch.tensor([0.9545, 0.6429, 0.0])
+    weight = torch.randn(4, 4, generator=g) * 0.5
+
+    def predict(x, t):  # a linear teacher: x' = -W x along sigma, so the exact path is a matrix exponential
+        return torch.einsum("ij,bjhw->bihw", weight, x)
+
+    assert torch.allclose(euler_target(predict, xt, a, b, 1), predict(xt, 1 - a), atol=1e-5)  # (x - x')/ds rounds
+    for i in range(3):
+        exact = torch.einsum("ij,jhw->ihw", torch.linalg.matrix_exp(-weight * float(b[i] - a[i])), xt[i])
+        want = (xt[i] - exact) / float(b[i] - a[i])
+        assert torch.allclose(euler_target(predict, xt, a, b, 2000)[i], want, atol=1e-3)
+        assert not torch.allclose(euler_target(predict, xt, a, b, 1)[i], want, atol=1e-3)  # one step is not it
+
+
+def test_turbo_sigmas_are_the_pipelines_own(trained_demo):
+    """What trajectory distillation trains at: the sigmas ZImagePipeline's Turbo run really steps through."""
+    from zimage_ui.models.demo import load_trained_pipeline
+    from zimage_ui.models.demo_train import turbo_sigmas
+
+    pipe = load_trained_pipeline(trained_demo)
+    seen = []
+    original = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, **kw):
+        seen.append(float(pipe.scheduler.sigmas[pipe.scheduler.step_index or 0]))
+        return original(model_output, timestep, sample, **kw)
+
+    pipe.scheduler.step = step
+    pipe("a red circle", height=256, width=256, num_inference_steps=8, guidance_scale=0.0,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert seen == pytest.approx(turbo_sigmas(pipe.scheduler, 8, 256)[:-1])
+
+
+@pytest.mark.slow
+def test_trajectory_distillation_trains_at_the_turbo_sigmas_and_needs_a_teacher(tmp_path, trained_demo):
+    from safetensors.torch import load_file
+
+    from zimage_ui.models.demo_train import TrainConfig, train
+
+    common = dict(samples=64, dit_steps=2, dit_batch=4, eval_prompts=2, eval_cfg_prompts=1, time_budget_s=0,
+                  workers=1, device="cpu")
+    with pytest.raises(ValueError, match="--init"):
+        train(TrainConfig(out=tmp_path / "no-init", distill_substeps=2, **common))
+    log = train(TrainConfig(out=tmp_path, init=str(trained_demo), distill_guidance=3.0, distill_substeps=2, **common))
+    assert log["distill_substeps"] == 2 and len(log["turbo_sigmas"]) == 9 and log["turbo_sigmas"][-1] == 0.0
+    assert log["dit_steps"] == 2 and math.isfinite(log["dit_final_loss"])
+    before, after = load_file(str(trained_demo)), load_file(str(tmp_path / "demo.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("transformer."))
+    assert "trajectory distillation, 2 teacher steps" in (tmp_path / "train_log.md").read_text()

@@ -68,6 +68,10 @@ class TrainConfig:
     #                 and text encoder train on
     distill_guidance: float = 0.0  # > 0: the target is a frozen copy of the starting model's guided prediction
     #                                (uncond + w * (cond - uncond)), so Turbo (guidance 0) draws what CFG draws
+    distill_substeps: int = 0  # > 0: train only at the Turbo preset's own 8 sigmas, towards where the teacher gets
+    #                            in this many (guided) Euler steps from one of them to the next: one student pass
+    #                            does what several teacher passes do (trajectory distillation; needs --init)
+    turbo_steps: int = 8  # the preset the trajectory distillation trains for
     device: str = "auto"
     workers: int = 0  # 0: one per CPU core
     log_every: int = 25
@@ -348,6 +352,49 @@ def _uncompile(module) -> None:
             sub._compiled_call_impl = None
 
 
+def turbo_sigmas(scheduler, steps: int = 8, side: int = 256) -> list[float]:
+    """The sigmas ``ZImagePipeline`` steps through for ``steps`` passes at ``side``², ending at 0 (``steps + 1``
+    values), computed the pipeline's own way from a copy of ``scheduler``.
+
+    >>> from diffusers import FlowMatchEulerDiscreteScheduler
+    >>> [round(x, 4) for x in turbo_sigmas(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))]
+    [1.0, 0.9545, 0.9, 0.8333, 0.75, 0.6429, 0.5, 0.3, 0.0]
+    """
+    from diffusers.pipelines.z_image.pipeline_z_image import (
+        calculate_shift,
+        get_default_z_image_sigmas,
+        retrieve_timesteps,
+    )
+
+    sched = copy.deepcopy(scheduler)
+    c = sched.config
+    seq = (side // 16) ** 2  # latents are side/8, patched 2x2
+    mu = calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    retrieve_timesteps(sched, steps, "cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
+    return [float(x) for x in sched.sigmas]
+
+
+def euler_target(predict, xt, sigma_a, sigma_b, substeps: int):
+    """The output that takes ``xt`` from ``sigma_a`` to ``sigma_b`` in one step of the pipeline's update
+    (``x_next = x - (s_next - s) * output``) to where ``substeps`` such steps of ``predict(x, t)`` (``t = 1 - s``)
+    take it. ``sigma_a``, ``sigma_b``: one per sample. One substep: ``predict`` itself; many: the ODE's path.
+
+    >>> import torch
+    >>> x, a, b = torch.ones(1, 1, 1, 1), torch.tensor([1.0]), torch.tensor([0.5])
+    >>> [round(float(euler_target(lambda x, t: 2 * x, x, a, b, k)), 3) for k in (1, 2, 1000)]
+    [2.0, 2.5, 3.434]
+
+    (the exact path: ``x(0.5) = e``, so ``(1 - e) / (0.5 - 1) = 3.437``)
+    """
+    x = xt
+    for k in range(substeps):
+        s = sigma_a + (sigma_b - sigma_a) * (k / substeps)
+        s_next = sigma_a + (sigma_b - sigma_a) * ((k + 1) / substeps)
+        x = x - (s_next - s)[:, None, None, None] * predict(x, 1 - s)
+    return (xt - x) / (sigma_b - sigma_a)[:, None, None, None]
+
+
 def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_s: float, log: dict):
     """Train the transformer and text encoder together (flow matching); returns their EMA copies."""
     import torch
@@ -358,10 +405,15 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
     te.train().requires_grad_(True)
     ema_tr = copy.deepcopy(tr).eval().requires_grad_(False)
     ema_te = copy.deepcopy(te).eval().requires_grad_(False)
-    # guidance distillation: a frozen copy of the starting model is the teacher (its EMA copy stays eager)
-    teacher = (copy.deepcopy(ema_tr), copy.deepcopy(ema_te)) if cfg.distill_guidance > 0 else None
-    if teacher is not None:
+    # guidance (and trajectory) distillation: a frozen copy of the starting model is the teacher (eager)
+    distill = cfg.distill_guidance > 0 or cfg.distill_substeps > 0
+    teacher = (copy.deepcopy(ema_tr), copy.deepcopy(ema_te)) if distill else None
+    if cfg.distill_guidance > 0:
         log["distill_guidance"] = cfg.distill_guidance
+    grid = None
+    if cfg.distill_substeps > 0:
+        grid = torch.tensor(turbo_sigmas(pipe.scheduler, cfg.turbo_steps, cfg.side), device=device)
+        log.update(distill_substeps=cfg.distill_substeps, turbo_sigmas=[round(float(x), 4) for x in grid])
     params = [p for p in list(tr.parameters()) + list(te.parameters())]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01,
                             fused=device.type == "cuda")
@@ -388,14 +440,22 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         return torch.stack(out).squeeze(2).float()
 
     def guided_target(tok, mask, drop, xt, t):
-        """The teacher's guided prediction (its unconditional one for dropped captions)."""
+        """The teacher's guided prediction (its unconditional one for dropped captions; with no guidance to
+        distil, its conditional one)."""
         b = tok.shape[0]
+        if cfg.distill_guidance <= 0:
+            with torch.no_grad(), _autocast(device):
+                return predict(*teacher, tok, mask, xt, t)
         with torch.no_grad(), _autocast(device):
             both = predict(*teacher, torch.cat([tok, empty_ids.expand(b, -1)]),
                            torch.cat([mask, empty_mask.expand(b, -1)]), torch.cat([xt, xt]), torch.cat([t, t]))
         cond, uncond = both[:b], both[b:]
         guided = uncond + cfg.distill_guidance * (cond - uncond)
         return torch.where(drop[:, None, None, None], uncond, guided)
+
+    def trajectory_target(tok, mask, drop, xt, sigma_a, sigma_b):
+        return euler_target(lambda x, t: guided_target(tok, mask, drop, x, t), xt, sigma_a, sigma_b,
+                            cfg.distill_substeps)
 
     def forward_backward(tok, mask, xt, t, target):
         with _autocast(device):
@@ -417,11 +477,20 @@ def train_transformer(pipe, latents, captions, cfg: TrainConfig, device, budget_
         mask = torch.where(drop[:, None], empty_mask, masks[idx])
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=gen, device=device)
-        u = torch.rand(b, generator=gen, device=device)
-        sigma = shift * u / (1 + (shift - 1) * u)
+        if grid is None:
+            u = torch.rand(b, generator=gen, device=device)
+            sigma = shift * u / (1 + (shift - 1) * u)
+        else:  # one of the preset's steps, each as often
+            step_of = torch.randint(len(grid) - 1, (b,), generator=gen, device=device)
+            sigma, sigma_next = grid[step_of], grid[step_of + 1]
         s = sigma[:, None, None, None]
         xt = s * noise + (1 - s) * z0
-        target = z0 - noise if teacher is None else guided_target(tok, mask, drop, xt, 1 - sigma)
+        if teacher is None:
+            target = z0 - noise
+        elif grid is None:
+            target = guided_target(tok, mask, drop, xt, 1 - sigma)
+        else:
+            target = trajectory_target(tok, mask, drop, xt, sigma, sigma_next)
         try:
             loss = forward_backward(tok, mask, xt, 1 - sigma, target)
         except Exception as exc:  # a compiler failure on the first step: go on eagerly, and say so in the log
@@ -513,7 +582,9 @@ def _markdown(cfg: TrainConfig, log: dict[str, Any]) -> str:
     lines = ["# Demo model training log", "", f"Wall time {log['wall_seconds']:.0f} s on {log['device']}.", ""]
     if log.get("init"):
         lines += [f"Continued from `{log['init']}` (its VAE kept); guidance distillation "
-                  f"w = {log.get('distill_guidance', 0)}.", ""]
+                  f"w = {log.get('distill_guidance', 0)}"
+                  + (f"; trajectory distillation, {log['distill_substeps']} teacher steps per Turbo step "
+                     f"(sigmas {log['turbo_sigmas']})" if log.get("distill_substeps") else "") + ".", ""]
     lines += ["| phase | steps (asked) | seconds | final loss |", "|---|---|---|---|",
               f"| render {cfg.samples} scenes | | {log['render_seconds']:.1f} | |",
               f"| VAE | {log['vae_steps']} ({log['vae_asked']}) | {log['vae_seconds']:.1f} | "
@@ -561,6 +632,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, clock: _Clock, out: Path, pool, workers: int) -> dict[str, Any]:
+    if cfg.distill_substeps > 0 and not cfg.init:
+        raise ValueError("--distill-substeps distils a trained model: give it with --init FILE")
     import torch
 
     from zimage_ui.models.demo import build_demo_pipeline, load_trained_pipeline, save_demo_weights
