@@ -74,3 +74,17 @@ def test_the_prompt_changes_the_picture(pipe):
     first, second = read_picture(images[0]), read_picture(images[1])
     assert (first.background, first.colour) == ("blue", "red")
     assert (second.background, second.colour) == ("red", "blue")
+
+
+def test_the_sampling_sweep_script_judges_each_setting(trained_demo):
+    """``scripts/demo_limits.py`` (docs/demo-model.md's sampling figures) runs and prints one line per setting."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "demo_limits.py"
+    done = subprocess.run([sys.executable, str(script), "--split", "validation", "--prompts", "2", "--shifts", "3,6",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300, check=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("validation shift")]
+    assert [line.split(":")[0] for line in lines] == ["validation shift 3 steps 8", "validation shift 6 steps 8"]
+    assert all("'shape': " in line and "'prompts': 2" in line for line in lines)

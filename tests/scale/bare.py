@@ -1,6 +1,6 @@
 """This machine's own parallelism for the throughput test: the same picture in two bare processes, one torch thread
 each (what two replicas are, without Ray), against one alone. Separate processes, as replicas are: two threads of
-one process share its allocator and the GIL and measure less than the machine gives (1.58x against 2x here)."""
+one process share its allocator and the GIL, and measure less than the machine gives."""
 
 from __future__ import annotations
 
