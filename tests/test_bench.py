@@ -22,8 +22,8 @@ def report(tmp_path_factory):
     (tmp / "vanilla.jsonl").write_text(VANILLA)
     settings = Settings(model="demo", output_dir=tmp / "out", cache_dir=tmp / "cache")
     options = BenchOptions(runs=2, width=256, height=256, sweep=True, sides=(256, 320), batches=(1, 2), soak=3,
-                           idle_test=True, http=True, latents=tmp / "latents.pt", baseline=tmp / "vanilla.jsonl",
-                           out=tmp / "report.json")
+                           idle_test=True, http=True, concurrency=2, latents=tmp / "latents.pt",
+                           baseline=tmp / "vanilla.jsonl", out=tmp / "report.json")
     first = run_bench(settings, options)
     second = run_bench(settings, BenchOptions(runs=1, width=256, height=256, quick=True, latents=tmp / "latents.pt"))
     return first, second, tmp
@@ -74,11 +74,15 @@ def test_http_path_is_timed_through_the_rest_service(report):
         assert http[key]["runs"] == 2 and 0 < http[key]["min_s"] <= http[key]["median_s"] <= http[key]["max_s"]
     assert http["png_bytes"] > 1000 and isinstance(http["overhead_pct"], float)
     assert r["baseline"]["speedup_http_new_prompt"] == pytest.approx(2.0 / http["new_prompt"]["median_s"], rel=1e-2)
+    # two client processes at once, three requests each; the two requests also made alone: the same pixels
+    crowd = http["concurrent"]
+    assert (crowd["clients"], crowd["requests"], crowd["answered"], crowd["errors"]) == (2, 6, 6, [])
+    assert crowd["same_pixels_as_alone"] and crowd["checked"] == 2 and crowd["ratio_to_sequential"] > 0
     # the real service path: its history database got a row for every answered request
     import sqlite3
 
     with sqlite3.connect(tmp / "out" / "history.sqlite3") as db:
-        assert db.execute("select count(*) from generations").fetchone()[0] >= 5
+        assert db.execute("select count(*) from generations").fetchone()[0] >= 5 + 8
     assert any(line.startswith("HTTP POST /api/v1/generate") for line in summary_lines(r))
 
 

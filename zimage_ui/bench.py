@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .benchclient import run_clients
+
 if TYPE_CHECKING:
     from .engine.api import BenchAPI
 
@@ -291,10 +293,10 @@ def _idle_test(engine: BenchAPI, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _http(engine: BenchAPI, base: dict[str, Any], runs: int, concurrency: int = 0) -> dict[str, Any]:
-    """The REST service (no web UI: it is not on this path) on a loopback port over ``engine``; client-side
-    seconds from POST /api/v1/generate to the whole PNG answer, new prompt each run, then the same prompt; with
-    ``concurrency``, that many clients at once (:func:`_concurrent`)."""
-    import httpx
+    """The REST service (no web UI: it is not on this path) on a loopback port over ``engine``; seconds from POST
+    /api/v1/generate to the whole PNG answer, timed by a client in a process of its own (as a browser or ``curl``
+    is: :mod:`.benchclient`), new prompt each run, then the same prompt; with ``concurrency``, that many client
+    processes at once (:func:`_concurrent`)."""
     import uvicorn
 
     from .service.app import create_app
@@ -312,23 +314,18 @@ def _http(engine: BenchAPI, base: dict[str, Any], runs: int, concurrency: int = 
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the bench's HTTP server did not start")
             time.sleep(0.02)
-        out: dict[str, Any] = {"url": url}
-        with httpx.Client(base_url=url, timeout=3600) as client:
+        out: dict[str, Any] = {"url": url, "clients": "one process per client"}
 
-            def post(prompt: str, seed: int) -> float:
-                t0 = time.perf_counter()
-                answer = client.post("/api/v1/generate", json={**base, "prompt": prompt, "seed": seed})
-                seconds = time.perf_counter() - t0
-                if answer.status_code != 200 or answer.headers.get("content-type") != "image/png":
-                    raise RuntimeError(f"POST /api/v1/generate answered {answer.status_code}: {answer.text[:300]}")
-                out["png_bytes"] = len(answer.content)
-                return seconds
+        def sequential(plan: list[tuple[str, int]]) -> tuple[list[float], float]:
+            done = _answers(run_clients(url, base, [plan]))
+            out["png_bytes"] = done["rows"][-1]["bytes"]
+            return [r["seconds"] for r in done["rows"]], done["wall_s"]
 
-            post(bench_prompt(599), 599)  # the first request on a new connection and route
-            t0 = time.perf_counter()
-            out["new_prompt"] = _stats([post(bench_prompt(600 + i), 600 + i) for i in range(runs)])
-            out["sequential_images_per_s"] = round(runs / (time.perf_counter() - t0), 4)
-            out["same_prompt"] = _stats([post(bench_prompt(200), 700 + i) for i in range(runs)])
+        sequential([(bench_prompt(599), 599)])  # the first request on the route
+        seconds, wall = sequential([(bench_prompt(600 + i), 600 + i) for i in range(runs)])
+        out["new_prompt"] = _stats(seconds)
+        out["sequential_images_per_s"] = round(runs / wall, 4)
+        out["same_prompt"] = _stats(sequential([(bench_prompt(200), 700 + i) for i in range(runs)])[0])
         if concurrency > 0:
             out["concurrent"] = _concurrent(engine, url, base, concurrency, out["sequential_images_per_s"])
         return out
@@ -340,74 +337,38 @@ def _http(engine: BenchAPI, base: dict[str, Any], runs: int, concurrency: int = 
             history.close()
 
 
-def _pixels_digest(png: bytes) -> str:
-    import hashlib
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as im:
-        return hashlib.sha256(im.tobytes()).hexdigest()
+def _answers(done: dict[str, Any]) -> dict[str, Any]:
+    """``run_clients``'s result, raising on the first answer that is not a PNG."""
+    for row in done["rows"]:
+        if row.get("status") != 200 or row.get("type") != "image/png":
+            raise RuntimeError(f"POST /api/v1/generate answered {row.get('status')}: {row.get('error', '')[:300]}")
+    return done
 
 
 def _concurrent(engine: BenchAPI, url: str, base: dict[str, Any], clients: int, sequential_rate: float,
                 per_client: int = 3) -> dict[str, Any]:
-    """``clients`` HTTP clients at once, ``per_client`` requests each, new prompts (the prompt cache is cleared
-    first): images per second against one client's sequential rate. Two of the requests were first made alone;
-    their pixels must come back identical from the crowd."""
-    import httpx
-
+    """``clients`` client processes at once, ``per_client`` requests each, new prompts (the prompt cache is
+    cleared first): images per second against one client's sequential rate. Two of the requests were first made
+    alone; their pixels must come back identical from the crowd."""
     alone = [(bench_prompt(900 + k), 900 + k) for k in range(2)]
     engine.prompt_cache.clear()
-
-    def post(client: Any, prompt: str, seed: int) -> bytes:
-        answer = client.post("/api/v1/generate", json={**base, "prompt": prompt, "seed": seed})
-        if answer.status_code != 200:
-            raise RuntimeError(f"POST /api/v1/generate answered {answer.status_code}: {answer.text[:300]}")
-        return answer.content
-
-    with httpx.Client(base_url=url, timeout=3600) as client:
-        reference = {key: _pixels_digest(post(client, *key)) for key in alone}
+    reference = {(r["prompt"], r["seed"]): r["digest"]
+                 for r in _answers(run_clients(url, base, [alone], digest=alone))["rows"]}
     engine.prompt_cache.clear()
     plans = [[(bench_prompt(1000 + c * per_client + i), 1000 + c * per_client + i) for i in range(per_client)]
              for c in range(clients)]
     for k, key in enumerate(alone):  # the second request of clients 0 and 1: in the middle of the crowd
         plans[k % clients][min(1, per_client - 1)] = key
-    digests: dict[tuple[str, int], str] = {}
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(clients)
-
-    def client_run(plan: list[tuple[str, int]]) -> None:
-        with httpx.Client(base_url=url, timeout=3600) as client:
-            start.wait()
-            for key in plan:
-                t0 = time.perf_counter()
-                try:
-                    png = post(client, *key)
-                except Exception as exc:  # counted, not raised: the report says how many failed
-                    with lock:
-                        errors.append(str(exc)[:200])
-                    continue
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                    if key in reference:
-                        digests[key] = _pixels_digest(png)
-
-    threads = [threading.Thread(target=client_run, args=(plan,), daemon=True) for plan in plans]
-    t0 = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - t0
-    done = len(latencies)
-    rate = done / wall if wall > 0 else 0.0
-    return {"clients": clients, "requests": clients * per_client, "answered": done, "errors": errors[:5],
+    done = run_clients(url, base, plans, digest=alone)
+    ok = [r for r in done["rows"] if r.get("status") == 200]
+    errors = [str(r.get("error") or r.get("status"))[:200] for r in done["rows"] if r.get("status") != 200]
+    digests = {(r["prompt"], r["seed"]): r["digest"] for r in ok if "digest" in r}
+    wall = done["wall_s"]
+    rate = len(ok) / wall if wall > 0 else 0.0
+    return {"clients": clients, "requests": clients * per_client, "answered": len(ok), "errors": errors[:5],
             "wall_s": round(wall, 3), "images_per_s": round(rate, 4),
             "ratio_to_sequential": round(rate / sequential_rate, 3) if sequential_rate else None,
-            "latency": _stats(latencies) if latencies else None,
+            "latency": _stats([r["seconds"] for r in ok]) if ok else None,
             "same_pixels_as_alone": all(digests.get(k) == v for k, v in reference.items()),
             "checked": len(digests)}
 

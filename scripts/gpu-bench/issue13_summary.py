@@ -1,4 +1,4 @@
-"""Issue 13's table from runL.sh's reports: python3 scripts/gpu-bench/issue13_summary.py RESULTS_DIR"""
+"""Issue 13's table from runL.sh's / runM.sh's reports: python3 scripts/gpu-bench/issue13_summary.py RESULTS_DIR"""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def main(folder: str) -> None:
             rows.append((f"ours {label}, cold start ready / warm-up / first request ratio",
                          f"{cs.get('ready_s')} / {cs.get('warmup_s')} / "
                          f"{(rep.get('first_request') or {}).get('ratio')}"))
+            rows.append((f"ours {label}, cold start stages", ", ".join(
+                f"{k} {v}" for k, v in cs.items() if k.endswith("_s") and k not in ("ready_s", "wall_s"))))
         if rep.get("save_png_median_s") is not None:
             rows.append((f"ours {label}, PNG save median s", rep["save_png_median_s"]))
         lat = rep.get("latents") or {}
@@ -69,7 +71,7 @@ def main(folder: str) -> None:
         if acc:
             att = acc.get("attention") or {}
             rows.append((f"ours {label}, attention / compile", f"{att.get('backend')} {att.get('timings_ms')} | "
-                         f"{acc.get('compile_note')}"))
+                         f"{acc.get('compile_note')} | {att.get('reason')}"))
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"{a:<{width}}  {b}")

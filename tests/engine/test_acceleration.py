@@ -92,6 +92,28 @@ def test_probe_times_what_runs_and_records_what_does_not():
     assert "network" in choice.unavailable["flash_hub"]
 
 
+def test_the_probe_is_saved_and_reused_until_what_it_depends_on_changes(tmp_path, monkeypatch):
+    """A restart skips the probe (its answer is on disk); another shape or another set of runnable backends probes
+    again; an unreadable file is probed over, not fatal."""
+    calls = []
+    real = acc.probe_attention
+    monkeypatch.setattr(acc, "probe_attention", lambda *a, **k: calls.append(a) or real(*a, **k))
+    kw = dict(candidates=("native", "_native_math"), repeats=2)
+    first = acc.cached_probe(torch.device("cpu"), (1, 96, 2, 32), torch.float32, tmp_path, **kw)
+    again = acc.cached_probe(torch.device("cpu"), (1, 96, 2, 32), torch.float32, tmp_path, **kw)
+    assert len(calls) == 1 and (tmp_path / acc.PROBE_CACHE_FILE).is_file()
+    assert (again.backend, again.masked_backend, again.timings_ms, again.shape) == (
+        first.backend, first.masked_backend, first.timings_ms, first.shape)
+    assert again.probed and "saved probe" in again.reason and "saved probe" not in first.reason
+    acc.cached_probe(torch.device("cpu"), (1, 128, 2, 32), torch.float32, tmp_path, **kw)  # another shape
+    acc.cached_probe(torch.device("cpu"), (1, 96, 2, 32), torch.float32, tmp_path,
+                     candidates=("native",), repeats=2)  # another set of backends
+    assert len(calls) == 3
+    (tmp_path / acc.PROBE_CACHE_FILE).write_text("{not json")
+    acc.cached_probe(torch.device("cpu"), (1, 96, 2, 32), torch.float32, tmp_path, **kw)
+    assert len(calls) == 4
+
+
 def test_attention_shape_follows_the_config():
     pipe = build_demo_pipeline()
     batch, tokens, heads, head_dim = acc.attention_shape(pipe.transformer, 1024, 1024, caption_tokens=96)

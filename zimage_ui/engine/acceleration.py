@@ -191,17 +191,80 @@ def probe_attention(device: torch.device, shape: tuple[int, int, int, int], dtyp
     return choice
 
 
+PROBE_CACHE_FILE = "attention-probe.json"
+
+
+def _probe_key(device: torch.device, shape: tuple[int, ...], dtype: torch.dtype,
+               candidates: Iterable[str]) -> tuple[str, dict[str, Any]]:
+    """What a probe's answer depends on (the GPU, the library versions, the shape, the runnable backends) and its
+    digest."""
+    import hashlib
+    import json
+
+    import diffusers
+
+    facts: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+                             "diffusers": diffusers.__version__, "shape": list(shape), "dtype": str(dtype),
+                             "runnable": sorted(n for n in candidates if backend_available(n) is None)}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["capability"] = list(torch.cuda.get_device_capability(device))
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+    return digest, facts
+
+
+def cached_probe(device: torch.device, shape: tuple[int, int, int, int], dtype: torch.dtype, cache_dir: Path, *,
+                 candidates: Iterable[str] = ATTENTION_CANDIDATES, **probe_kwargs: Any) -> AttentionChoice:
+    """:func:`probe_attention`, its answer kept in ``cache_dir/attention-probe.json`` under a key of everything it
+    depends on (:func:`_probe_key`): a restart on the same GPU and libraries skips the probe (2.3 s on an H200);
+    a new GPU, driver stack, diffusers or an installed backend probes again. Delete the file to force a probe."""
+    import json
+
+    candidates = tuple(candidates)
+    path = Path(cache_dir) / PROBE_CACHE_FILE
+    key, facts = _probe_key(device, shape, dtype, candidates)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    saved = entries.get(key)
+    if isinstance(saved, dict) and isinstance(saved.get("choice"), dict):
+        try:
+            choice = AttentionChoice(**saved["choice"])
+            choice.shape = tuple(choice.shape) if choice.shape is not None else None
+            choice.reason += f" (saved probe, {path.name})"
+            return choice
+        except TypeError:  # written by another version of this class: probe again
+            pass
+    choice = probe_attention(device, shape, dtype, candidates=candidates, **probe_kwargs)
+    entries[key] = {"for": facts, "choice": choice.to_dict()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache folder costs the next start a probe, nothing more
+        log.warning("could not save the attention probe to %s: %s", path, exc)
+    return choice
+
+
 def choose_attention(setting: str, device: torch.device, transformer: Any, *, width: int = 1024,
-                     height: int = 1024) -> AttentionChoice:
+                     height: int = 1024, cache_dir: Path | None = None) -> AttentionChoice:
     """The ``attention`` setting → an :class:`AttentionChoice`: ``auto`` probes on CUDA (``native`` on CPU), a
-    backend name is used as given (with ``native`` for masks when it can't take one)."""
+    backend name is used as given (with ``native`` for masks when it can't take one). With ``cache_dir`` the
+    probe's answer is kept there and re-used (:func:`cached_probe`)."""
     setting = (setting or "auto").strip().lower()
     if setting == "auto":
         if device.type != "cuda":
             return AttentionChoice(reason="CPU: native SDPA (nothing to probe)")
         try:
-            return probe_attention(device, attention_shape(transformer, width, height),
-                                   dtype=next(transformer.parameters()).dtype)
+            shape = attention_shape(transformer, width, height)
+            dtype = next(transformer.parameters()).dtype
+            if cache_dir is not None:
+                return cached_probe(device, shape, dtype, cache_dir)
+            return probe_attention(device, shape, dtype=dtype)
         except Exception as exc:  # never fail a start over a probe
             log.warning("attention probe failed, using native SDPA: %s", exc)
             return AttentionChoice(reason=f"probe failed ({type(exc).__name__}); native SDPA")
@@ -501,7 +564,8 @@ def accelerate(pipe: Any, device: torch.device, *, attention: str = "auto", comp
         report.fp8 = True
         report.fp8_note = (f"torchao float8 (per-row dynamic activations, per-row weights) on "
                            f"{report.fp8_linears} linears")
-    report.attention = choice or choose_attention(attention, device, transformer, width=width, height=height)
+    report.attention = choice or choose_attention(attention, device, transformer, width=width, height=height,
+                                                  cache_dir=cache_dir or default_cache_dir())
     will_compile = compile and device.type == "cuda" and compile_allowed
     install_attention(transformer, report.attention, real_rope=will_compile)
     if not compile:
