@@ -1,5 +1,6 @@
 # Sourced by the run scripts beside it (the programmes behind docs/benchmarks.md, as they ran on the GPU machine).
-#   WHEELS   folder of wheels the machine lacks (diffusers 0.42.1, pydantic, pydantic-settings, torchao, ...);
+#   WHEELS   folder of wheels the machine lacks (diffusers 0.42.1, pydantic, pydantic-settings, torchao, fastapi,
+#            starlette, uvicorn, isal, opentelemetry-api (fastapi >= 0.16x imports it), ...);
 #            empty = install nothing
 #   VANILLA  path of ../shared/bench/vanilla_diffusers.py (never copied into the project)
 #   DEADLINE seconds after which no further step starts (each step is also cut at its own timeout)
