@@ -209,6 +209,9 @@ def test_a_tab_opened_while_the_model_loads_comes_alive_when_it_is_ready(browser
             assert "Demo model" in page.inner_text("#zi-banner")
             assert "demo model" in page.inner_text("#zi-model")
             assert page.inner_text("#size-readout").strip() == "256 × 256 px"  # the demo model's default size
+            # ... which is none of the size classes: none is shown chosen (the page was drawn before the model
+            # was known, with the default preset's 1024 chosen)
+            page.wait_for_function("() => !document.querySelector('#size-class input:checked')", timeout=10_000)
             assert set(dict(page.evaluate(SEGMENTS_JS))) >= {"weights", "working", "free"}
             context.close()
     finally:

@@ -7,7 +7,8 @@ Attention
     :func:`probe_attention` times every attention backend that diffusers offers and this machine can run (native
     SDPA, cuDNN, PyTorch's flash and memory-efficient kernels, the ``flash-attn`` packages' FA2/FA3 when installed;
     hub kernels need the network and are never tried) on the transformer's own shapes, checks each output against
-    native SDPA, and picks the fastest. Masks are probed separately: classifier-free guidance and batched prompts of
+    native SDPA, and picks the fastest (:func:`cached_probe` keeps the answer in the cache folder for the next
+    start). Masks are probed separately: classifier-free guidance and batched prompts of
     different lengths give the transformer a padding mask, and ``flash``/``_flash_3``/``_native_flash``/``sage``
     raise on one. :class:`RoutedAttnProcessor` therefore carries two backends and uses the mask-capable one only
     for calls that have a mask, so the fastest kernel serves the common Turbo case and CFG still works.
@@ -216,7 +217,7 @@ def _probe_key(device: torch.device, shape: tuple[int, ...], dtype: torch.dtype,
 def cached_probe(device: torch.device, shape: tuple[int, int, int, int], dtype: torch.dtype, cache_dir: Path, *,
                  candidates: Iterable[str] = ATTENTION_CANDIDATES, **probe_kwargs: Any) -> AttentionChoice:
     """:func:`probe_attention`, its answer kept in ``cache_dir/attention-probe.json`` under a key of everything it
-    depends on (:func:`_probe_key`): a restart on the same GPU and libraries skips the probe (2.3 s on an H200);
+    depends on (:func:`_probe_key`): a restart on the same GPU and libraries skips the probe (about 1 s on an H200);
     a new GPU, driver stack, diffusers or an installed backend probes again. Delete the file to force a probe."""
     import json
 

@@ -370,8 +370,10 @@ class Page:
             found = self.sizes.find(preset.width, preset.height)
             out[w.width], out[w.height] = preset.width, preset.height
             out[w.size_readout] = self.size_readout(preset.width, preset.height, lang)
+            # a size of no class (the demo model's 256²) leaves none chosen, not the class the page was drawn with
+            out[w.size_class] = gr.update(choices=classes, value=found[0] if found else None)
             if found:
-                out[w.size_class], out[w.aspect] = gr.update(choices=classes, value=found[0]), found[1]
+                out[w.aspect] = found[1]
         return out
 
     def language_updates(self, lang: str, values: dict[Any, Any]) -> dict[Any, Any]:
